@@ -1,0 +1,131 @@
+"""Asyncio client for the Triton `vlm` model: the one place that speaks its gRPC streaming contract.
+
+One `generate` call is one gRPC `ModelStreamInfer` stream carrying one request. The stream is
+cancelled when the caller stops consuming the generator (closed or its task cancelled), which
+tells Triton to stop generating for that request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as grpcclient
+from tritonclient.utils import InferenceServerException
+
+from vlmserve.errors import INVALID_REQUEST_PREFIX
+
+MODEL_NAME = "vlm"
+
+
+class TritonError(RuntimeError):
+    """Triton or the `vlm` model failed, or could not be reached."""
+
+
+class InvalidRequestError(TritonError):
+    """The model rejected the request itself (bad media, bad sampling, prompt too long)."""
+
+
+@dataclass(frozen=True)
+class GenerationChunk:
+    """One streamed response: a text delta and the counts so far."""
+
+    text: str
+    finish_reason: str | None  # None until the last chunk, then "stop" or "length"
+    prompt_tokens: int
+    completion_tokens: int  # cumulative
+
+
+def _bytes_input(name: str, values: list[bytes]) -> grpcclient.InferInput:
+    tensor = grpcclient.InferInput(name, [len(values)], "BYTES")
+    tensor.set_data_from_numpy(np.array(values, dtype=np.object_))
+    return tensor
+
+
+def _error(message: str) -> TritonError:
+    # Model errors reach us wrapped in Triton's own text; the marker may sit anywhere in it.
+    if INVALID_REQUEST_PREFIX in message:
+        return InvalidRequestError(message.split(INVALID_REQUEST_PREFIX, 1)[1])
+    return TritonError(message)
+
+
+def _chunk(result: grpcclient.InferResult) -> GenerationChunk | None:
+    text = result.as_numpy("TEXT")
+    if text is None:  # the empty final response
+        return None
+    return GenerationChunk(
+        text=text[0].decode("utf-8"),
+        finish_reason=result.as_numpy("FINISH_REASON")[0].decode("utf-8") or None,
+        prompt_tokens=int(result.as_numpy("PROMPT_TOKENS")[0]),
+        completion_tokens=int(result.as_numpy("COMPLETION_TOKENS")[0]),
+    )
+
+
+def _is_final(result: grpcclient.InferResult) -> bool:
+    parameters = result.get_response().parameters
+    return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
+
+
+class TritonVLMClient:
+    """Streams generations from the `vlm` model. Create it inside the event loop that will use it."""
+
+    def __init__(self, url: str) -> None:
+        self._client = grpcclient.InferenceServerClient(url)
+
+    async def __aenter__(self) -> TritonVLMClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._client.close()
+
+    async def is_ready(self, timeout_s: float = 5.0) -> bool:
+        """True when the server is live and ready and the `vlm` model is ready."""
+        try:
+            return (await self._client.is_server_live(client_timeout=timeout_s)
+                    and await self._client.is_server_ready(client_timeout=timeout_s)
+                    and await self._client.is_model_ready(MODEL_NAME, client_timeout=timeout_s))
+        except InferenceServerException:
+            return False
+
+    async def generate(self, messages: list[dict], media: list[bytes], sampling: dict,
+                       request_id: str) -> AsyncIterator[GenerationChunk]:
+        """Stream the answer to HF-form `messages`; `media` holds the bytes of their image/video parts, in order.
+
+        Raises InvalidRequestError for requests the model rejects, TritonError for anything else.
+        """
+        inputs = [_bytes_input("REQUEST", [json.dumps({"messages": messages, "sampling": sampling}).encode()])]
+        if media:
+            inputs.append(_bytes_input("MEDIA", media))
+        request = {"model_name": MODEL_NAME, "inputs": inputs, "request_id": request_id}
+
+        async def one_request():
+            yield request
+
+        # The asyncio client cannot ask for `triton_enable_empty_final_response` (it rejects the reserved
+        # "triton_" parameters), so a model that ends with a flags-only response just ends the stream:
+        # Triton closes it once our only request is complete.
+        responses = self._client.stream_infer(one_request())
+        finished = False
+        try:
+            async for result, error in responses:
+                if error is not None:
+                    raise _error(error.message())
+                chunk = _chunk(result)
+                if chunk is not None:
+                    finished = chunk.finish_reason is not None
+                    yield chunk
+                if _is_final(result):
+                    break
+        except (grpc.RpcError, InferenceServerException) as exc:
+            message = exc.details() if isinstance(exc, grpc.RpcError) else exc.message()
+            raise TritonError(f"Triton stream failed: {message}") from exc
+        finally:
+            responses.cancel()  # a no-op after a normal end; stops generation when the consumer went away
+        if not finished:
+            raise TritonError("the vlm model ended its stream without a finish reason")

@@ -1,0 +1,184 @@
+"""Build a TensorRT engine (.plan) for the exported Qwen2-VL vision tower.
+
+Written against the TensorRT 10 Python API (weakly typed network + precision
+flags). Needs ``tensorrt`` and a CUDA GPU; without them it exits with code 2.
+
+CLI: ``python -m export.build_trt_engine VIT.onnx OUT.plan [--checkpoint CKPT] [--precision fp16]``
+
+The profile covers the patch dimension N shared by all three inputs
+(``pixel_values`` [N, C*T*P*P] float32, ``position_ids`` [N, 2] int64,
+``segment_ids`` [N] int64; TensorRT 10 takes the int64 inputs as they are).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+PRECISIONS = ("fp16", "bf16", "fp32")
+
+
+class EngineBuildUnavailable(RuntimeError):
+    """TensorRT or a CUDA GPU is missing, or this TensorRT lacks a needed feature."""
+
+
+@dataclass(frozen=True)
+class ProcessorLimits:
+    """What bounds the patch count of one image; defaults are Qwen2VLImageProcessor's."""
+
+    min_pixels: int = 56 * 56
+    max_pixels: int = 28 * 28 * 1280
+    patch_size: int = 14
+    merge_size: int = 2
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> ProcessorLimits:
+        """Read ``preprocessor_config.json``; top-level min/max_pixels win over ``size``, as in HF."""
+        config = json.loads((Path(checkpoint_dir) / "preprocessor_config.json").read_text())
+        size = config.get("size") or {}
+        return cls(
+            min_pixels=config.get("min_pixels") or size.get("shortest_edge") or cls.min_pixels,
+            max_pixels=config.get("max_pixels") or size.get("longest_edge") or cls.max_pixels,
+            patch_size=config.get("patch_size", cls.patch_size),
+            merge_size=config.get("merge_size", cls.merge_size),
+        )
+
+    @property
+    def merge_unit(self) -> int:
+        """Patches per merged token: the merger reshapes N to N / merge_unit rows."""
+        return self.merge_size**2
+
+    def patch_profile(self, max_images: int = 1) -> tuple[int, int, int]:
+        """(min, opt, max) patches: one smallest image, one largest, ``max_images`` largest."""
+        per_patch, unit = self.patch_size**2, self.merge_unit
+        min_patches = -(-self.min_pixels // per_patch // unit) * unit  # round up
+        max_per_image = self.max_pixels // per_patch // unit * unit  # round down
+        return min_patches, max_per_image, max_per_image * max_images
+
+
+def check_patch_profile(profile: tuple[int, int, int], merge_unit: int) -> None:
+    min_patches, opt_patches, max_patches = profile
+    if not 0 < min_patches <= opt_patches <= max_patches:
+        raise ValueError(f"need 0 < min <= opt <= max patches, got {profile}")
+    if any(n % merge_unit for n in profile):
+        raise ValueError(f"patch counts must be multiples of {merge_unit}, got {profile}")
+
+
+def cuda_device_count() -> int:
+    """GPUs visible to the CUDA driver (0 without a driver), without torch or cuda-python."""
+    try:
+        cuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return 0
+    count = ctypes.c_int(0)
+    if cuda.cuInit(0) != 0 or cuda.cuDeviceGetCount(ctypes.byref(count)) != 0:
+        return 0
+    return count.value
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt
+    except (ImportError, OSError) as exc:  # OSError: the wheel is there, libnvinfer is not
+        raise EngineBuildUnavailable(
+            f"tensorrt is not importable ({exc}); install TensorRT 10 "
+            "(pip install tensorrt) on a machine with a CUDA GPU"
+        ) from exc
+    if cuda_device_count() == 0:
+        raise EngineBuildUnavailable("no CUDA GPU found: TensorRT engines are built on the target GPU")
+    return trt
+
+
+def build_engine(
+    onnx_path: str | Path,
+    plan_path: str | Path,
+    patch_profile: tuple[int, int, int],
+    precision: str = "fp16",
+    workspace_gib: float | None = None,
+) -> Path:
+    """Parse ``onnx_path``, build for ``precision`` over (min, opt, max) patches, write ``plan_path``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    trt = _import_tensorrt()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
+    parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)) so external weight files next to the model are found.
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n{errors}")
+
+    config = builder.create_builder_config()
+    if workspace_gib is not None:
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gib * 2**30))
+    if precision == "fp32":
+        config.clear_flag(trt.BuilderFlag.TF32)  # fp32 means fp32, not 10-bit-mantissa TF32
+    else:
+        flag = getattr(trt.BuilderFlag, precision.upper(), None)
+        if flag is None:  # TensorRT 11 removed the weak-typing precision flags
+            raise EngineBuildUnavailable(
+                f"TensorRT {trt.__version__} has no BuilderFlag.{precision.upper()}; "
+                "use TensorRT 10 or --precision fp32"
+            )
+        config.set_flag(flag)
+
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        tensor = network.get_input(i)
+        # Only the leading patch dimension is dynamic (-1); the rest stay as exported.
+        shapes = [tuple(n if d == -1 else d for d in tensor.shape) for n in patch_profile]
+        profile.set_shape(tensor.name, *shapes)
+    config.add_optimization_profile(profile)
+
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise RuntimeError("TensorRT engine build failed (see the TensorRT log above)")
+    plan_path = Path(plan_path)
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    plan_path.write_bytes(serialized)  # IHostMemory is a buffer
+    return plan_path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("onnx_path", type=Path)
+    parser.add_argument("plan_path", type=Path)
+    parser.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="read min/max_pixels from its preprocessor_config.json"
+    )
+    parser.add_argument("--max-images", type=int, default=1, help="largest images per call")
+    parser.add_argument("--min-patches", type=int, help="default: min_pixels / patch_size^2")
+    parser.add_argument("--opt-patches", type=int, help="default: max_pixels / patch_size^2")
+    parser.add_argument(
+        "--max-patches", type=int, help="default: max_pixels / patch_size^2 * --max-images"
+    )
+    parser.add_argument("--workspace-gib", type=float, help="default: TensorRT's (all GPU memory)")
+    args = parser.parse_args(argv)
+
+    try:
+        limits = ProcessorLimits.from_checkpoint(args.checkpoint) if args.checkpoint else ProcessorLimits()
+    except FileNotFoundError as exc:
+        parser.error(f"--checkpoint: {exc}")
+    given = (args.min_patches, args.opt_patches, args.max_patches)
+    profile = tuple(
+        n if n is not None else default for n, default in zip(given, limits.patch_profile(args.max_images))
+    )
+    try:
+        check_patch_profile(profile, limits.merge_unit)
+        plan = build_engine(args.onnx_path, args.plan_path, profile, args.precision, args.workspace_gib)
+    except ValueError as exc:
+        parser.error(str(exc))
+    except EngineBuildUnavailable as exc:
+        print(f"build_trt_engine: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
+    print(f"wrote {plan} ({args.precision}, patches min/opt/max {profile})")
+
+
+if __name__ == "__main__":
+    main()

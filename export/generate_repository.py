@@ -1,0 +1,167 @@
+"""Write a deployable Triton model repository for a checkpoint and a target.
+
+`cpu`: the ViT is the exported ONNX graph run by ONNX Runtime inside a Python-backend model.
+`gpu`: the ViT is a TensorRT plan with one instance group per GPU (`--gpus 0,1,2,3`).
+The Python models' code is copied from `model_repository/`; `config.pbtxt` is written here.
+
+    python -m export.generate_repository --checkpoint CKPT --target cpu --vit-onnx vit.onnx --out REPO
+    python -m export.generate_repository --checkpoint CKPT --target gpu --vit-engine vit.plan --gpus 0,1 --out REPO
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
+PYTHON_MODELS = ("preprocess", "vit", "llm", "vlm")
+
+
+@dataclass
+class RepositoryOptions:
+    checkpoint: Path
+    out: Path
+    target: str = "cpu"
+    vit_onnx: Path | None = None
+    vit_engine: Path | None = None
+    gpus: list[int] = field(default_factory=lambda: [0])
+    vit_instances_per_gpu: int = 1
+    vit_cpu_instances: int = 1
+    vit_cpu_threads: int = 1
+    preprocess_instances: int = 2
+    llm_dtype: str = "float32"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    llm_threads: int = 0  # torch intra-op threads in the llm model; 0 keeps torch's default
+
+
+def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
+    extra = " optional: true" if optional else ""
+    return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{extra} }}'
+
+
+def _io(kind: str, tensors: list[str]) -> str:
+    return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
+
+
+def _parameters(values: dict[str, object]) -> str:
+    return "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in values.items())
+
+
+def _config(name: str, backend: str, inputs: list[str], outputs: list[str], instances: str,
+            params: dict[str, object] | None = None, decoupled: bool = False) -> str:
+    text = f'name: "{name}"\n{backend}\nmax_batch_size: 0\n'
+    if decoupled:
+        text += "model_transaction_policy { decoupled: true }\n"
+    text += _io("input", inputs) + _io("output", outputs) + instances
+    return text + _parameters(params or {})
+
+
+def _cpu_instances(count: int) -> str:
+    return f"instance_group [ {{ kind: KIND_CPU count: {count} }} ]\n"
+
+
+def _gpu_instances(gpus: list[int], count: int) -> str:
+    groups = ",\n".join(f"  {{ kind: KIND_GPU count: {count} gpus: [ {gpu} ] }}" for gpu in gpus)
+    return f"instance_group [\n{groups}\n]\n"
+
+
+VIT_INPUTS = [_tensor("pixel_values", "TYPE_FP32", [-1, -1]), _tensor("position_ids", "TYPE_INT64", [-1, 2]),
+              _tensor("segment_ids", "TYPE_INT64", [-1])]
+VIT_OUTPUTS = [_tensor("image_embeds", "TYPE_FP32", [-1, -1])]
+
+
+def vit_config(opts: RepositoryOptions) -> str:
+    if opts.target == "gpu":
+        return _config("vit", 'platform: "tensorrt_plan"', VIT_INPUTS, VIT_OUTPUTS,
+                       _gpu_instances(opts.gpus, opts.vit_instances_per_gpu))
+    return _config("vit", 'backend: "python"', VIT_INPUTS, VIT_OUTPUTS, _cpu_instances(opts.vit_cpu_instances),
+                   {"onnx_path": Path(opts.vit_onnx).resolve(), "intra_op_threads": opts.vit_cpu_threads})
+
+
+def preprocess_config(opts: RepositoryOptions) -> str:
+    inputs = [_tensor("MEDIA", "TYPE_STRING", [1]), _tensor("KIND", "TYPE_STRING", [1]),
+              _tensor("FPS", "TYPE_FP32", [1], optional=True)]
+    outputs = [_tensor("PIXEL_VALUES", "TYPE_FP32", [-1, -1]), _tensor("POSITION_IDS", "TYPE_INT64", [-1, 2]),
+               _tensor("SEGMENT_IDS", "TYPE_INT64", [-1]), _tensor("GRID_THW", "TYPE_INT64", [3])]
+    return _config("preprocess", 'backend: "python"', inputs, outputs, _cpu_instances(opts.preprocess_instances),
+                   {"checkpoint_dir": opts.checkpoint.resolve()})
+
+
+def llm_config(opts: RepositoryOptions) -> str:
+    inputs = [_tensor("REQUEST_ID", "TYPE_STRING", [1]), _tensor("INPUT_IDS", "TYPE_INT64", [-1], optional=True),
+              _tensor("POSITION_IDS", "TYPE_INT64", [3, -1], optional=True),
+              _tensor("ROPE_DELTA", "TYPE_INT64", [1], optional=True),
+              _tensor("MEDIA_EMBEDS", "TYPE_FP32", [-1, -1], optional=True),
+              _tensor("SAMPLING", "TYPE_STRING", [1], optional=True), _tensor("ABORT", "TYPE_BOOL", [1], optional=True)]
+    outputs = [_tensor("TOKEN_IDS", "TYPE_INT64", [-1]), _tensor("FINISH_REASON", "TYPE_STRING", [1])]
+    params = {"checkpoint_dir": opts.checkpoint.resolve(), "dtype": opts.llm_dtype,
+              "device": "cuda" if opts.target == "gpu" else "cpu", "max_num_seqs": opts.max_num_seqs,
+              "max_num_batched_tokens": opts.max_num_batched_tokens}
+    if opts.llm_threads:
+        params["torch_threads"] = opts.llm_threads
+    # One instance: the engine batches all requests itself.
+    return _config("llm", 'backend: "python"', inputs, outputs, _cpu_instances(1), params, decoupled=True)
+
+
+def vlm_config(opts: RepositoryOptions) -> str:
+    inputs = [_tensor("REQUEST", "TYPE_STRING", [1]), _tensor("MEDIA", "TYPE_STRING", [-1], optional=True)]
+    outputs = [_tensor("TEXT", "TYPE_STRING", [1]), _tensor("FINISH_REASON", "TYPE_STRING", [1]),
+               _tensor("PROMPT_TOKENS", "TYPE_INT32", [1]), _tensor("COMPLETION_TOKENS", "TYPE_INT32", [1])]
+    return _config("vlm", 'backend: "python"', inputs, outputs, _cpu_instances(1),
+                   {"checkpoint_dir": opts.checkpoint.resolve()}, decoupled=True)
+
+
+CONFIGS = {"preprocess": preprocess_config, "vit": vit_config, "llm": llm_config, "vlm": vlm_config}
+
+
+def generate_repository(opts: RepositoryOptions) -> Path:
+    """Write the repository to `opts.out` (replacing what was there) and return it."""
+    if opts.target not in ("cpu", "gpu"):
+        raise ValueError(f"unknown target {opts.target!r}")
+    if opts.target == "cpu" and opts.vit_onnx is None:
+        raise ValueError("the cpu target needs --vit-onnx")
+    if opts.target == "gpu" and opts.vit_engine is None:
+        raise ValueError("the gpu target needs --vit-engine")
+    if opts.out.exists():
+        shutil.rmtree(opts.out)
+    for name, make_config in CONFIGS.items():
+        version = opts.out / name / "1"
+        version.mkdir(parents=True)
+        (opts.out / name / "config.pbtxt").write_text(make_config(opts))
+        if name == "vit" and opts.target == "gpu":
+            shutil.copy2(opts.vit_engine, version / "model.plan")
+        else:
+            shutil.copy2(SOURCE_REPOSITORY / name / "1" / "model.py", version / "model.py")
+    return opts.out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
+    parser.add_argument("--vit-onnx", type=Path)
+    parser.add_argument("--vit-engine", type=Path)
+    parser.add_argument("--gpus", default="0", help="comma-separated GPU ids; one ViT instance group per GPU")
+    parser.add_argument("--vit-instances-per-gpu", type=int, default=1)
+    parser.add_argument("--vit-cpu-instances", type=int, default=1)
+    parser.add_argument("--vit-cpu-threads", type=int, default=1)
+    parser.add_argument("--preprocess-instances", type=int, default=2)
+    parser.add_argument("--llm-threads", type=int, default=0, help="torch threads for the llm model (0: default)")
+    parser.add_argument("--llm-dtype", default=None, help="default: float32 on cpu, bfloat16 on gpu")
+    args = parser.parse_args(argv)
+    opts = RepositoryOptions(
+        checkpoint=args.checkpoint, out=args.out, target=args.target, vit_onnx=args.vit_onnx,
+        vit_engine=args.vit_engine, gpus=[int(g) for g in args.gpus.split(",")],
+        vit_instances_per_gpu=args.vit_instances_per_gpu, vit_cpu_instances=args.vit_cpu_instances,
+        vit_cpu_threads=args.vit_cpu_threads, preprocess_instances=args.preprocess_instances,
+        llm_threads=args.llm_threads,
+        llm_dtype=args.llm_dtype or ("bfloat16" if args.target == "gpu" else "float32"))
+    print(generate_repository(opts))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,172 @@
+"""Triton `llm`: decoupled Python-backend model that streams tokens from the batching engine.
+
+`execute` only hands requests to the engine; one background thread runs engine steps, so
+requests that arrive while others decode join the running batch at the next step.
+A request with ABORT=true is a control message from `vlm`: it cancels the REQUEST_ID it names.
+"""
+
+import json
+import queue
+import threading
+
+import numpy as np
+import torch
+import triton_python_backend_utils as pb_utils
+from transformers import GenerationConfig
+
+from vlmserve.engine import LLMEngine, SamplingParams
+from vlmserve.errors import InvalidRequest
+from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+IDLE_WAIT_S = 0.05
+
+
+class EngineMetrics:
+    """Engine counters published as Triton custom metrics (served on Triton's /metrics)."""
+
+    def __init__(self):
+        self.families = []  # a Metric is only valid while its MetricFamily lives
+
+        def family(name, kind, description):
+            self.families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
+            return self.families[-1].Metric(labels={})
+
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.steps = family("vlm_llm_steps_total", counter, "Engine steps run")
+        self.batched = family("vlm_llm_batched_sequences_total", counter, "Sum over steps of sequences in the batch")
+        self.tokens = family("vlm_llm_scheduled_tokens_total", counter, "Tokens run through the model")
+        self.max_batch = family("vlm_llm_max_batch_size", gauge, "Largest number of sequences in one step")
+        self.active = family("vlm_llm_active_requests", gauge, "Requests the engine holds")
+
+    def publish(self, batch_size: int, tokens: int, max_batch: int, active: int) -> None:
+        self.steps.increment(1)
+        self.batched.increment(batch_size)
+        self.tokens.increment(tokens)
+        self.max_batch.set(max_batch)
+        self.active.set(active)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        checkpoint = params["checkpoint_dir"]
+        if "torch_threads" in params:
+            torch.set_num_threads(int(params["torch_threads"]))
+        self.engine = LLMEngine(
+            checkpoint,
+            device=params.get("device", "cuda" if torch.cuda.is_available() else "cpu"),
+            dtype=getattr(torch, params.get("dtype", "float32")),
+            max_num_seqs=int(params.get("max_num_seqs", "64")),
+            max_num_batched_tokens=int(params.get("max_num_batched_tokens", "2048")),
+        )
+        eos = GenerationConfig.from_pretrained(checkpoint).eos_token_id
+        self.eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        self.metrics = EngineMetrics()
+        self.incoming: queue.Queue = queue.Queue()
+        self.senders: dict[str, object] = {}
+        self.running = True
+        self.thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
+        self.thread.start()
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                self.incoming.put(self._parse(request, sender))
+            except Exception as exc:
+                sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
+        return None
+
+    def _parse(self, request, sender) -> tuple:
+        request_id = required_input(request, "REQUEST_ID").reshape(-1)[0].decode()
+        abort = optional_input(request, "ABORT")
+        if abort is not None and bool(abort.reshape(-1)[0]):
+            sender.send(flags=FINAL)
+            return ("abort", request_id)
+        try:
+            fields = json.loads(required_input(request, "SAMPLING").reshape(-1)[0])
+            stop_ids = tuple(fields.pop("stop_token_ids", ())) + self.eos_ids
+            sampling = SamplingParams(**fields, stop_token_ids=stop_ids)
+        except (ValueError, TypeError) as exc:
+            raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
+        media = optional_input(request, "MEDIA_EMBEDS")
+        return ("add", request_id, sender, dict(
+            input_ids=required_input(request, "INPUT_IDS").astype(np.int64).reshape(-1),
+            position_ids=required_input(request, "POSITION_IDS").astype(np.int64),
+            rope_delta=int(required_input(request, "ROPE_DELTA").reshape(-1)[0]),
+            media_embeds=None if media is None or media.size == 0 else media,
+            sampling=sampling,
+        ))
+
+    def _loop(self) -> None:
+        while self.running:
+            self._admit(block=not self.engine.has_unfinished())
+            self._drop_cancelled()
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # fail what is running, keep serving
+                self._fail_all(exc)
+                continue
+            stats = self.engine.stats
+            self.metrics.publish(stats.last_batch_size, stats.last_num_tokens, stats.max_batch_size, len(self.senders))
+            for out in outputs:
+                self._send(out)
+
+    def _admit(self, block: bool) -> None:
+        try:
+            item = self.incoming.get(timeout=IDLE_WAIT_S) if block else self.incoming.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item[0] == "abort":
+                self._finish(item[1])
+            else:
+                _, request_id, sender, kwargs = item
+                try:
+                    self.engine.add_request(request_id, **kwargs)
+                    self.senders[request_id] = sender
+                except Exception as exc:
+                    sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
+            try:
+                item = self.incoming.get_nowait()
+            except queue.Empty:
+                return
+
+    def _drop_cancelled(self) -> None:
+        for request_id, sender in list(self.senders.items()):
+            if sender.is_cancelled():
+                self._finish(request_id)
+
+    def _finish(self, request_id: str) -> None:
+        """Abort in the engine and close the stream (no-op for requests already finished)."""
+        sender = self.senders.pop(request_id, None)
+        if sender is None:
+            return
+        self.engine.abort(request_id)
+        if not sender.is_cancelled():
+            sender.send(flags=FINAL)
+
+    def _send(self, out) -> None:
+        sender = self.senders.get(out.request_id)
+        if sender is None:
+            return
+        tensors = [
+            pb_utils.Tensor("TOKEN_IDS", np.asarray([out.token_id], dtype=np.int64)),
+            pb_utils.Tensor("FINISH_REASON", np.asarray([out.finish_reason or ""], dtype=np.object_)),
+        ]
+        sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if out.finished else 0)
+        if out.finished:
+            del self.senders[out.request_id]
+
+    def _fail_all(self, exc: Exception) -> None:
+        for request_id, sender in list(self.senders.items()):
+            self.engine.abort(request_id)
+            sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
+        self.senders.clear()
+
+    def finalize(self):
+        self.running = False
+        self.thread.join(timeout=10)

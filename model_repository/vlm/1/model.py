@@ -1,0 +1,180 @@
+"""Triton `vlm`: the BLS model that ties preprocess -> vit -> llm and streams text.
+
+Each request runs as its own coroutine: media are preprocessed and encoded with async BLS calls
+(all parts of a request at once), so ViT work for new requests goes on while the `llm` model keeps
+generating for earlier ones.
+"""
+
+import asyncio
+import json
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from transformers import AutoConfig, AutoTokenizer
+
+from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from vlmserve.errors import INVALID_REQUEST_PREFIX, InvalidRequest
+from vlmserve.mrope import mrope_positions
+from vlmserve.prompt import PromptBuilder, media_parts, validate_messages
+from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "seed", "frequency_penalty", "presence_penalty",
+                 "repetition_penalty")
+DEFAULT_MAX_TOKENS = 256
+
+
+def _tensor(name: str, value, dtype):
+    return pb_utils.Tensor(name, np.asarray([value], dtype=dtype))
+
+
+def _raise_if_error(response) -> None:
+    if response.has_error():
+        message = response.error().message()
+        if INVALID_REQUEST_PREFIX in message:
+            raise InvalidRequest(message.split(INVALID_REQUEST_PREFIX, 1)[1])
+        raise RuntimeError(message)
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        checkpoint = params["checkpoint_dir"]
+        self.config = AutoConfig.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+        self.tokenizer = tokenizer
+        self.prompts = PromptBuilder(tokenizer, self.config.image_token_id, self.config.video_token_id,
+                                     self.config.vision_config.spatial_merge_size)
+        text_config = getattr(self.config, "text_config", self.config)
+        self.max_model_len = int(params.get("max_model_len", text_config.max_position_embeddings))
+        self.max_media = int(params.get("max_media_per_request", "16"))
+        # Decoupled BLS streams are read with blocking next(); these threads keep the event loop free.
+        self.stream_readers = ThreadPoolExecutor(max_workers=int(params.get("max_concurrent_streams", "256")))
+
+    async def execute(self, requests):
+        await asyncio.gather(*(self._handle(request) for request in requests))
+        return None
+
+    async def _handle(self, request) -> None:
+        sender = request.get_response_sender()
+        try:
+            await self._generate(request, sender)
+        except Exception as exc:
+            if not sender.is_cancelled():
+                sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
+
+    async def _generate(self, request, sender) -> None:
+        try:
+            body = json.loads(required_input(request, "REQUEST").reshape(-1)[0])
+        except json.JSONDecodeError as exc:
+            raise InvalidRequest(f"REQUEST is not valid JSON: {exc}") from exc
+        messages = validate_messages(body.get("messages"))
+        sampling = dict(body.get("sampling") or {})
+        media = optional_input(request, "MEDIA")
+        media = [] if media is None else list(media.reshape(-1))
+        parts = media_parts(messages)
+        if len(parts) != len(media):
+            raise InvalidRequest(f"{len(parts)} image/video parts but {len(media)} media inputs")
+        if len(media) > self.max_media:
+            raise InvalidRequest(f"at most {self.max_media} images/videos per request, got {len(media)}")
+
+        encoded = await asyncio.gather(*(self._encode(part, data) for part, data in zip(parts, media)))
+        grids = [(part["type"], grid) for part, (grid, _) in zip(parts, encoded)]
+        input_ids = self.prompts.build(messages, grids)
+        max_tokens = int(sampling.get("max_tokens") or DEFAULT_MAX_TOKENS)
+        if len(input_ids) + max_tokens > self.max_model_len:
+            raise InvalidRequest(f"prompt ({len(input_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
+                                 f"context length {self.max_model_len}")
+        image_grids = [g for kind, g in grids if kind == "image"]
+        video_grids = [g for kind, g in grids if kind == "video"]
+        position_ids, rope_delta = mrope_positions(
+            input_ids, np.stack(image_grids) if image_grids else None, np.stack(video_grids) if video_grids else None,
+            self.config)
+        embeds = np.concatenate([e for _, e in encoded]) if encoded else None
+        llm_sampling = {k: sampling[k] for k in SAMPLING_KEYS if sampling.get(k) is not None}
+        llm_sampling["max_tokens"] = max_tokens
+        await self._stream(sender, input_ids, position_ids, rope_delta, embeds, llm_sampling,
+                           stop=sampling.get("stop") or [])
+
+    async def _encode(self, part: dict, data: bytes) -> tuple[np.ndarray, np.ndarray]:
+        """preprocess -> vit for one image or video; returns (grid_thw, embeddings)."""
+        inputs = [pb_utils.Tensor("MEDIA", np.asarray([data], dtype=np.object_)),
+                  pb_utils.Tensor("KIND", np.asarray([part["type"]], dtype=np.object_))]
+        if part["type"] == "video" and part.get("fps") is not None:
+            inputs.append(_tensor("FPS", float(part["fps"]), np.float32))
+        pre = await pb_utils.InferenceRequest(
+            model_name="preprocess", inputs=inputs,
+            requested_output_names=["PIXEL_VALUES", "POSITION_IDS", "SEGMENT_IDS", "GRID_THW"]).async_exec()
+        _raise_if_error(pre)
+        vit_inputs = [pb_utils.Tensor(name.lower(), pb_utils.get_output_tensor_by_name(pre, name).as_numpy())
+                      for name in ("PIXEL_VALUES", "POSITION_IDS", "SEGMENT_IDS")]
+        vit = await pb_utils.InferenceRequest(model_name="vit", inputs=vit_inputs,
+                                              requested_output_names=["image_embeds"]).async_exec()
+        _raise_if_error(vit)
+        grid = pb_utils.get_output_tensor_by_name(pre, "GRID_THW").as_numpy().reshape(3)
+        embeds = pb_utils.get_output_tensor_by_name(vit, "image_embeds").as_numpy()
+        return grid, embeds.astype(np.float32, copy=False)
+
+    async def _stream(self, sender, input_ids, position_ids, rope_delta, embeds, sampling, stop) -> None:
+        request_id = uuid.uuid4().hex
+        inputs = [
+            pb_utils.Tensor("REQUEST_ID", np.asarray([request_id], dtype=np.object_)),
+            pb_utils.Tensor("INPUT_IDS", input_ids),
+            pb_utils.Tensor("POSITION_IDS", position_ids.astype(np.int64)),
+            _tensor("ROPE_DELTA", rope_delta, np.int64),
+            pb_utils.Tensor("SAMPLING", np.asarray([json.dumps(sampling)], dtype=np.object_)),
+        ]
+        if embeds is not None:
+            inputs.append(pb_utils.Tensor("MEDIA_EMBEDS", embeds))
+        responses = await pb_utils.InferenceRequest(
+            model_name="llm", inputs=inputs, requested_output_names=["TOKEN_IDS", "FINISH_REASON"]
+        ).async_exec(decoupled=True)
+        detok = IncrementalDetokenizer(self.tokenizer)
+        stops = StopStringMatcher(stop if isinstance(stop, list) else [stop])
+        loop = asyncio.get_running_loop()
+        completion_tokens, llm_finish, text = 0, "", ""
+        try:
+            while not (llm_finish or stops.stopped or sender.is_cancelled()):
+                response = await loop.run_in_executor(self.stream_readers, next, responses, None)
+                if response is None:
+                    break
+                _raise_if_error(response)
+                ids = pb_utils.get_output_tensor_by_name(response, "TOKEN_IDS")
+                if ids is None:  # the empty final response
+                    continue
+                ids = ids.as_numpy().reshape(-1).tolist()
+                completion_tokens += len(ids)
+                llm_finish = pb_utils.get_output_tensor_by_name(response, "FINISH_REASON").as_numpy()[0].decode()
+                text = stops.feed(detok.add(ids))
+                if text and not (llm_finish or stops.stopped):
+                    self._send(sender, text, "", len(input_ids), completion_tokens)
+                    text = ""
+        finally:
+            if stops.stopped or not llm_finish:  # ended early: free the engine's resources now
+                await self._abort(request_id)
+        if sender.is_cancelled():
+            return
+        if not stops.stopped:
+            text += stops.feed(detok.flush()) + stops.flush()
+        finish_reason = "stop" if stops.stopped else (llm_finish or "stop")
+        self._send(sender, text, finish_reason, len(input_ids), completion_tokens, final=True)
+
+    def _send(self, sender, text, finish_reason, prompt_tokens, completion_tokens, final=False) -> None:
+        sender.send(pb_utils.InferenceResponse([
+            pb_utils.Tensor("TEXT", np.asarray([text.encode()], dtype=np.object_)),
+            pb_utils.Tensor("FINISH_REASON", np.asarray([finish_reason], dtype=np.object_)),
+            _tensor("PROMPT_TOKENS", prompt_tokens, np.int32),
+            _tensor("COMPLETION_TOKENS", completion_tokens, np.int32),
+        ]), flags=FINAL if final else 0)
+
+    async def _abort(self, request_id: str) -> None:
+        responses = await pb_utils.InferenceRequest(
+            model_name="llm", requested_output_names=[],
+            inputs=[pb_utils.Tensor("REQUEST_ID", np.asarray([request_id], dtype=np.object_)),
+                    pb_utils.Tensor("ABORT", np.asarray([True]))]).async_exec(decoupled=True)
+        await asyncio.get_running_loop().run_in_executor(self.stream_readers, list, responses)
+
+    def finalize(self):
+        self.stream_readers.shutdown(wait=False, cancel_futures=True)

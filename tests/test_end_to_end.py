@@ -1,0 +1,175 @@
+"""The whole path on a real tritonserver: openai client -> proxy -> vlm BLS -> preprocess/vit/llm -> back."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import re
+import subprocess
+import sys
+
+import av
+import httpx
+import numpy as np
+import openai
+import pytest
+import tritonclient.grpc
+from PIL import Image
+
+from tests.hf_reference import hf_generate
+from vlmserve.media import decode_video
+from vlmserve.preprocessing import VisionPreprocessor
+from vlmserve.triton_server import REPO_ROOT
+
+MAX_TOKENS = 24
+
+
+def png_bytes(width: int, height: int, seed: int) -> bytes:
+    rng = np.random.default_rng(seed)
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def mp4_bytes(frames: int = 12, fps: int = 6, size: tuple[int, int] = (84, 56)) -> bytes:
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            rgb = np.zeros((size[1], size[0], 3), dtype=np.uint8)
+            rgb[..., i % 3] = 40 + 15 * i
+            rgb[: size[1] // 2, : size[0] // 2] = 255 - 10 * i
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return buffer.getvalue()
+
+
+def stream_chat(client: openai.OpenAI, messages: list[dict], **kwargs) -> tuple[str, object, str]:
+    """Streamed completion -> (text, usage, finish_reason)."""
+    text, usage, finish = "", None, None
+    for chunk in client.chat.completions.create(model="tiny-qwen2-vl", messages=messages, stream=True,
+                                                stream_options={"include_usage": True}, **kwargs):
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            text += choice.delta.content or ""
+            finish = choice.finish_reason or finish
+    return text, usage, finish
+
+
+@pytest.fixture(scope="module")
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_two_images_two_turns_match_transformers(client, media_server, tiny_checkpoint):
+    images = [png_bytes(84, 56, seed=1), png_bytes(56, 112, seed=2)]
+    urls = [media_server.add(f"image{i}.png", data) for i, data in enumerate(images)]
+    pil = [Image.open(io.BytesIO(b)).convert("RGB") for b in images]
+
+    user_1 = {"role": "user", "content": [
+        {"type": "text", "text": "Are these images different?"},
+        {"type": "image_url", "image_url": {"url": urls[0]}},
+        {"type": "image_url", "image_url": {"url": urls[1]}}]}
+    hf_user_1 = {"role": "user", "content": [{"type": "text", "text": "Are these images different?"},
+                                             {"type": "image"}, {"type": "image"}]}
+    text_1, usage_1, finish_1 = stream_chat(client, [user_1], temperature=0, max_tokens=MAX_TOKENS)
+    ref_1, ref_count_1 = hf_generate(tiny_checkpoint, [hf_user_1], pil, max_new_tokens=MAX_TOKENS)
+    assert text_1 == ref_1 and usage_1.completion_tokens == ref_count_1
+    assert text_1 and usage_1.prompt_tokens > 0 and finish_1 in ("stop", "length")
+
+    # Second turn reuses both images through the history, as chat clients send it.
+    follow_up = {"role": "user", "content": "Describe the second one."}
+    history = [user_1, {"role": "assistant", "content": text_1}, follow_up]
+    text_2, usage_2, _ = stream_chat(client, history, temperature=0, max_completion_tokens=MAX_TOKENS)
+    ref_2, ref_count_2 = hf_generate(tiny_checkpoint, [hf_user_1, {"role": "assistant", "content": ref_1}, follow_up],
+                                     pil, max_new_tokens=MAX_TOKENS)
+    assert text_2 == ref_2 and usage_2.completion_tokens == ref_count_2
+    assert usage_2.prompt_tokens > usage_1.prompt_tokens
+
+
+def test_video_with_fps_matches_transformers(client, media_server, tiny_checkpoint):
+    data = mp4_bytes()
+    url = media_server.add("clip.mp4", data)
+    content = [{"type": "video_url", "video_url": {"url": url, "fps": 2}},
+               {"type": "text", "text": "What happens in this video?"}]
+    text, usage, _ = stream_chat(client, [{"role": "user", "content": content}], temperature=0,
+                                 max_tokens=MAX_TOKENS)
+    # The reference gets the same sampled frames (frame sampling is tested against qwen-vl-utils' rule
+    # in test_preprocessing) and runs the untouched torch vision tower inside generate.
+    frames = decode_video(data, fps=2).frames
+    pixel_values, grid = VisionPreprocessor.from_pretrained(tiny_checkpoint).video(frames)
+    assert grid[0] >= 2, "several temporal patches"
+    hf_messages = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": content[1]["text"]}]}]
+    ref, ref_count = hf_generate(tiny_checkpoint, hf_messages, video=(pixel_values, grid), max_new_tokens=MAX_TOKENS)
+    assert text == ref and usage.completion_tokens == ref_count
+
+
+def _metric(stack, name: str) -> float:
+    body = httpx.get(stack.triton.metrics_url, timeout=10).text
+    match = re.search(rf"^{name}(?:{{[^}}]*}})? ([0-9.e+]+)$", body, re.MULTILINE)
+    assert match, f"{name} not in Triton metrics"
+    return float(match.group(1))
+
+
+def test_eight_concurrent_streams_are_batched(stack, media_server):
+    url = media_server.add("concurrent.png", png_bytes(56, 56, seed=3))
+    client = openai.AsyncOpenAI(base_url=stack.proxy.base_url, api_key="unused", max_retries=0, timeout=120)
+
+    async def one(i: int) -> tuple[str, int]:
+        content = [{"type": "text", "text": f"Request number {i}: " + "tell me more " * i}]
+        if i % 2:
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        stream = await client.chat.completions.create(
+            model="tiny-qwen2-vl", messages=[{"role": "user", "content": content}], stream=True,
+            stream_options={"include_usage": True}, temperature=0, max_tokens=32)
+        text, usage = "", None
+        async for chunk in stream:
+            usage = chunk.usage or usage
+            text += "".join(c.delta.content or "" for c in chunk.choices)
+        return text, usage.completion_tokens
+
+    async def run_all():
+        try:
+            return await asyncio.gather(*(one(i) for i in range(8)))
+        finally:
+            await client.close()
+
+    results = asyncio.run(run_all())
+    assert all(count > 0 for _, count in results)
+    assert _metric(stack, "vlm_llm_max_batch_size") >= 4
+    steps, batched = _metric(stack, "vlm_llm_steps_total"), _metric(stack, "vlm_llm_batched_sequences_total")
+    assert batched > steps, "some steps ran more than one sequence"
+
+
+def test_bad_image_is_a_400_and_the_server_carries_on(client, media_server):
+    url = media_server.add("broken.png", b"\x89PNG\r\n\x1a\n not really a png")
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="tiny-qwen2-vl", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": url}}]}])
+    assert caught.value.status_code == 400 and "image" in str(caught.value).lower()
+    ok = client.chat.completions.create(model="tiny-qwen2-vl", max_tokens=4, temperature=0,
+                                        messages=[{"role": "user", "content": "Still there?"}])
+    assert ok.choices[0].finish_reason in ("stop", "length") and ok.usage.completion_tokens > 0
+
+
+def test_models_and_health(stack, client):
+    triton = tritonclient.grpc.InferenceServerClient(stack.triton.grpc_url)
+    assert all(triton.is_model_ready(name) for name in ("preprocess", "vit", "llm", "vlm"))
+    assert [m.id for m in client.models.list().data] == ["tiny-qwen2-vl"]
+    assert httpx.get(stack.proxy.base_url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
+
+
+def test_grpc_command_line_client_streams_an_image_chat(stack, tmp_path):
+    image = tmp_path / "local.png"
+    image.write_bytes(png_bytes(56, 84, seed=4))
+    result = subprocess.run(
+        [sys.executable, "-m", "client.chat", "--url", stack.triton.grpc_url, "--image", str(image),
+         "--max-tokens", "8", "--temperature", "0", "What is in the picture?"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip()

@@ -1,0 +1,95 @@
+"""Everything between a checkpoint directory and a running stack: ONNX export, repository, processes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from export.generate_repository import RepositoryOptions, generate_repository
+from export.vision_onnx import export_vision_onnx
+from vlmserve.triton_server import REPO_ROOT, TritonPorts, TritonServer, triton_environment
+
+
+def prepare_cpu_repository(checkpoint: Path, workdir: Path, **options) -> Path:
+    """Export the vision tower (once per checkpoint) and write the CPU model repository."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    onnx_path = workdir / "vit.onnx"
+    if not onnx_path.exists() or onnx_path.stat().st_mtime < (checkpoint / "config.json").stat().st_mtime:
+        export_vision_onnx(checkpoint, onnx_path)
+    return generate_repository(RepositoryOptions(checkpoint=checkpoint, out=workdir / "model_repository",
+                                                 target="cpu", vit_onnx=onnx_path, **options))
+
+
+@dataclass
+class ProxyProcess:
+    """The OpenAI proxy as a child process."""
+
+    triton_grpc_url: str
+    port: int
+    model_name: str
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def start(self, timeout_s: float = 60.0) -> None:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "openai_proxy", "--triton-url", self.triton_grpc_url, "--host", "127.0.0.1",
+             "--port", str(self.port), "--served-model-name", self.model_name],
+            cwd=REPO_ROOT, env=triton_environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"proxy exited with code {self.process.returncode}; see {self.log_path}")
+            try:
+                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"proxy not healthy after {timeout_s:.0f}s; see {self.log_path}")
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+@dataclass
+class Stack:
+    """tritonserver with our repository plus the proxy in front of it."""
+
+    triton: TritonServer
+    proxy: ProxyProcess
+
+    @classmethod
+    def create(cls, repository: Path, workdir: Path, model_name: str, ports: TritonPorts, proxy_port: int) -> "Stack":
+        triton = TritonServer(repository, workdir / "tritonserver", ports, log_path=workdir / "tritonserver.log")
+        proxy = ProxyProcess(triton.grpc_url, proxy_port, model_name, log_path=workdir / "proxy.log")
+        return cls(triton, proxy)
+
+    def start(self) -> None:
+        self.triton.start()
+        try:
+            self.proxy.start()
+        except Exception:
+            self.triton.stop()
+            raise
+
+    def running(self) -> bool:
+        return all(p is not None and p.poll() is None for p in (self.triton.process, self.proxy.process))
+
+    def stop(self) -> None:
+        self.proxy.stop()
+        self.triton.stop()

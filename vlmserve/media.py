@@ -1,0 +1,198 @@
+"""Decoding user-supplied image and video bytes (fetching URLs happens elsewhere).
+
+Everything that is wrong with the bytes themselves (not an image, truncated,
+undecodable, too large) raises :class:`MediaError`, so the Triton model can
+answer with a client error instead of crashing. Video frame sampling follows
+qwen-vl-utils (``qwen_vl_utils/vision_process.py`` in QwenLM/Qwen2-VL), which
+is what Qwen2-VL was evaluated with. Only PIL, PyAV and numpy are used.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import warnings
+from dataclasses import dataclass
+
+import av
+import numpy as np
+from PIL import Image
+
+from vlmserve.errors import InvalidRequest
+
+# PIL's own default limit (~89.5 MP, 1024**3 // 4 // 3): roughly a 9500x9500 photo.
+DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
+
+# qwen-vl-utils (Qwen2-VL) constants: sampled frame counts are multiples of
+# FRAME_FACTOR (the ViT's temporal patch size) and clamped to [FPS_MIN_FRAMES, FPS_MAX_FRAMES].
+FRAME_FACTOR = 2
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+
+
+class MediaError(InvalidRequest):
+    """The image or video the user sent cannot be used (a ``ValueError``)."""
+
+
+@dataclass(frozen=True)
+class VideoFrames:
+    """Frames sampled from a video, as the model will see them."""
+
+    frames: np.ndarray  # uint8 [T, H, W, 3], RGB
+    indices: np.ndarray  # int64 [T], which decoded source frames were kept
+    total_frames: int  # number of frames decoded from the source
+    video_fps: float  # the source's average frame rate
+    sample_fps: float  # frames per second of ``frames`` (temporal positions need it)
+
+
+def decode_image(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+    """Decode PNG/JPEG/WebP/GIF/... bytes into a fully loaded RGB image.
+
+    Animated images give their first frame. The pixel limit is checked on the
+    header, before any pixel data is decompressed; PIL's own hard stop
+    (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies above it.
+    """
+    if not data:
+        raise MediaError("image data is empty")
+    try:
+        with warnings.catch_warnings():
+            # PIL's global bomb warning is superseded by the explicit limit below.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+        width, height = image.size
+        if width * height > max_image_pixels:
+            raise MediaError(
+                f"image is too large: {width}x{height} = {width * height} pixels, "
+                f"the limit is {max_image_pixels}"
+            )
+        image.load()  # decode now, so truncated or corrupt data fails here
+        return _convert_rgb(image)
+    except MediaError:
+        raise
+    except Image.UnidentifiedImageError:
+        raise MediaError("data is not an image in a supported format") from None
+    except Image.DecompressionBombError:
+        # PIL's own hard stop (2 * Image.MAX_IMAGE_PIXELS) fired inside open(), before our check.
+        raise MediaError(f"image is too large: the limit is {max_image_pixels} pixels") from None
+    except Exception as exc:  # decoders raise many types on hostile input; all mean bad bytes
+        raise MediaError(f"image data is corrupt or truncated: {exc}") from None
+
+
+def _convert_rgb(image: Image.Image) -> Image.Image:
+    """RGB the way transformers' ``image_transforms.convert_to_rgb`` does it.
+
+    Transparent pixels are composited onto white (not PIL's default black), so
+    the model sees the same pixels as with the HF processor.
+    """
+    if "A" in image.getbands() or image.info.get("transparency") is not None:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decode_video(
+    data: bytes,
+    fps: float,
+    min_frames: int = FPS_MIN_FRAMES,
+    max_frames: int = FPS_MAX_FRAMES,
+    max_frame_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+) -> VideoFrames:
+    """Decode a video and sample ``fps`` frames per second like qwen-vl-utils.
+
+    The source frame count is the number of frames actually decoded (as with
+    qwen-vl-utils' torchvision reader), not the container's claim.
+    """
+    if not data:
+        raise MediaError("video data is empty")
+    if not fps > 0:
+        raise MediaError(f"video fps must be positive, got {fps}")
+    try:
+        video_fps, total_frames = _probe(data, max_frame_pixels)
+        indices = sample_indices(total_frames, video_fps, fps, min_frames, max_frames)
+        frames, decoded = _decode_selected(data, indices)
+        if decoded != total_frames:
+            # Some codecs/containers do not map one packet to one frame: resample with the true count.
+            total_frames = decoded
+            indices = sample_indices(total_frames, video_fps, fps, min_frames, max_frames)
+            frames, _ = _decode_selected(data, indices)
+    except MediaError:
+        raise
+    except Exception as exc:  # demuxers/decoders raise many types on hostile input; all mean bad bytes
+        reason = getattr(exc, "strerror", None) or exc  # FFmpeg errors: without the errno noise
+        raise MediaError(f"video data is corrupt or undecodable: {reason}") from None
+    return VideoFrames(
+        frames=np.stack(frames),
+        indices=indices,
+        total_frames=total_frames,
+        video_fps=video_fps,
+        sample_fps=len(indices) / total_frames * video_fps,
+    )
+
+
+def sample_indices(
+    total_frames: int, video_fps: float, fps: float, min_frames: int, max_frames: int
+) -> np.ndarray:
+    """Source frame indices kept for the model: qwen-vl-utils ``smart_nframes`` + linspace.
+
+    qwen-vl-utils rounds ``torch.linspace`` in float32; float64 is used here,
+    which agrees for videos up to ~12k frames and may pick a neighbouring
+    frame (off by one) in a few positions beyond that.
+    """
+    nframes = smart_nframes(total_frames, video_fps, fps, min_frames, max_frames)
+    return np.linspace(0, total_frames - 1, nframes).round().astype(np.int64)
+
+
+def smart_nframes(total_frames: int, video_fps: float, fps: float, min_frames: int, max_frames: int) -> int:
+    """How many frames to sample: qwen-vl-utils (Qwen2-VL) ``smart_nframes`` for ``fps``."""
+    lower = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
+    upper = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
+    nframes = min(max(total_frames / video_fps * fps, lower), upper)
+    nframes = round(nframes / FRAME_FACTOR) * FRAME_FACTOR  # Python round, as qwen-vl-utils
+    if not FRAME_FACTOR <= nframes <= total_frames:
+        raise MediaError(
+            f"video is too short: it has {total_frames} frame(s), at least {FRAME_FACTOR} are needed"
+        )
+    return nframes
+
+
+def _open_video_stream(container: av.container.InputContainer) -> av.VideoStream:
+    if not container.streams.video:
+        raise MediaError("data has no video stream")
+    stream = container.streams.video[0]
+    stream.thread_type = "AUTO"  # frame + slice threading; output is identical, decode is faster
+    return stream
+
+
+def _probe(data: bytes, max_frame_pixels: int) -> tuple[float, int]:
+    """Average frame rate and number of video packets, without decoding."""
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = _open_video_stream(container)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > max_frame_pixels:
+            raise MediaError(
+                f"video frames are too large: {width}x{height} = {width * height} pixels, "
+                f"the limit is {max_frame_pixels}"
+            )
+        rate = stream.average_rate or stream.guessed_rate
+        if not rate or rate <= 0:
+            raise MediaError("video has no usable frame rate")
+        # Demuxing is cheap; it lets one decoding pass keep only the sampled frames.
+        packets = sum(1 for packet in container.demux(stream) if packet.size)
+    return float(rate), packets
+
+
+def _decode_selected(data: bytes, indices: np.ndarray) -> tuple[list[np.ndarray], int]:
+    """RGB frames at ``indices`` (presentation order) and the number of frames decoded."""
+    wanted = set(indices.tolist())  # linspace over >= as many frames as samples never repeats an index
+    frames: list[np.ndarray] = []
+    count = 0
+    with av.open(io.BytesIO(data), mode="r") as container:
+        stream = _open_video_stream(container)
+        width, height = stream.codec_context.width, stream.codec_context.height
+        for frame in container.decode(stream):
+            if count in wanted:
+                # A fixed output size guards against mid-stream resolution changes.
+                frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+            count += 1
+    return frames, count

@@ -1,0 +1,132 @@
+"""Start a real `tritonserver` without Docker, from the binary in the `nvidia-pytriton` wheel.
+
+The wheel ships Triton with the Python backend but keeps the backend stub for each Python version
+apart; we copy the server once into a writable directory, put the stub for the running
+interpreter next to the backend, and run the binary with the wheel's bundled libraries.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import tritonclient.grpc as grpcclient
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _site_packages() -> Path:
+    return Path(sysconfig.get_paths()["purelib"])
+
+
+def prepare_triton_install(dest: Path) -> Path:
+    """Copy the wheel's tritonserver into `dest` (once) with the matching Python stub; return the copy."""
+    marker = dest / ".prepared"
+    if marker.exists():
+        return dest
+    source = _site_packages() / "pytriton" / "tritonserver"
+    if not source.is_dir():
+        raise RuntimeError("nvidia-pytriton is not installed: no tritonserver binary in site-packages")
+    if dest.exists():
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest, symlinks=True)
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = dest / "python_backend_stubs" / version / "triton_python_backend_stub"
+    shutil.copy2(stub, dest / "backends" / "python" / "triton_python_backend_stub")
+    marker.touch()
+    return dest
+
+
+def triton_environment() -> dict[str, str]:
+    """Environment for tritonserver: bundled libs, the venv's packages and our shared package."""
+    env = dict(os.environ)
+    libs = _site_packages() / "nvidia_pytriton.libs"
+    # The stub links libpython3.X.so: make it the running interpreter's, not another install's,
+    # or stdlib extension modules fail with undefined symbols.
+    libpython_dir = sysconfig.get_config_var("LIBDIR")
+    env["LD_LIBRARY_PATH"] = os.pathsep.join(filter(None, [libpython_dir, str(libs), env.get("LD_LIBRARY_PATH")]))
+    # The backend stub embeds the system libpython; it finds the venv's packages and ours this way.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), str(_site_packages()), env.get("PYTHONPATH")]))
+    env["VIRTUAL_ENV"] = sys.prefix
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+@dataclass
+class TritonPorts:
+    http: int = 8010
+    grpc: int = 8001
+    metrics: int = 8002
+
+
+class TritonServer:
+    """A tritonserver child process bound to 127.0.0.1."""
+
+    def __init__(self, model_repository: Path, install_dir: Path, ports: TritonPorts, log_path: Path | None = None,
+                 extra_args: list[str] | None = None) -> None:
+        self.model_repository = model_repository
+        self.install_dir = prepare_triton_install(install_dir)
+        self.ports = ports
+        self.log_path = log_path
+        self.extra_args = extra_args or []
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def grpc_url(self) -> str:
+        return f"127.0.0.1:{self.ports.grpc}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+
+    def command(self) -> list[str]:
+        return [
+            str(self.install_dir / "bin" / "tritonserver"),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={self.install_dir / 'backends'}",
+            "--http-address=127.0.0.1", f"--http-port={self.ports.http}",
+            "--grpc-address=127.0.0.1", f"--grpc-port={self.ports.grpc}",
+            "--metrics-address=127.0.0.1", f"--metrics-port={self.ports.metrics}",
+            "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
+            "--exit-on-error=true",
+            *self.extra_args,
+        ]
+
+    def start(self, timeout_s: float = 300.0) -> None:
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
+        self.process = subprocess.Popen(self.command(), env=triton_environment(), stdout=log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(timeout_s)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        client = grpcclient.InferenceServerClient(self.grpc_url)
+        deadline = time.monotonic() + timeout_s
+        try:
+            while time.monotonic() < deadline:
+                if self.process is not None and self.process.poll() is not None:
+                    raise RuntimeError(f"tritonserver exited with code {self.process.returncode}; see {self.log_path}")
+                try:
+                    if client.is_server_ready():
+                        return
+                except Exception:  # not listening yet
+                    pass
+                time.sleep(0.5)
+        finally:
+            client.close()
+        raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f}s; see {self.log_path}")
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()

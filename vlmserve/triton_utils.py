@@ -1,0 +1,35 @@
+"""Small helpers for our Triton Python-backend models (imported only inside tritonserver)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from vlmserve.errors import InvalidRequest
+
+
+def model_parameters(args: dict) -> dict[str, str]:
+    """The `parameters { key: ... value: { string_value: ... } }` entries of config.pbtxt."""
+    params = json.loads(args["model_config"]).get("parameters", {})
+    return {key: value["string_value"] for key, value in params.items()}
+
+
+def optional_input(request, name: str) -> np.ndarray | None:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
+
+
+def required_input(request, name: str) -> np.ndarray:
+    value = optional_input(request, name)
+    if value is None:
+        raise InvalidRequest(f"missing input {name}")
+    return value
+
+
+def triton_error(exc: Exception) -> pb_utils.TritonError:
+    """User mistakes keep their `invalid_request:` marker; anything else is an internal error."""
+    if isinstance(exc, InvalidRequest):
+        return pb_utils.TritonError(exc.triton_message())
+    return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}")
