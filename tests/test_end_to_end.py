@@ -7,6 +7,7 @@ import io
 import re
 import subprocess
 import sys
+import time
 
 import av
 import httpx
@@ -173,3 +174,23 @@ def test_grpc_command_line_client_streams_an_image_chat(stack, tmp_path):
         cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip()
+
+
+def test_client_disconnect_frees_the_engine(stack, client):
+    steps_before = _metric(stack, "vlm_llm_steps_total")
+    with httpx.stream("POST", stack.proxy.base_url + "/chat/completions", timeout=60, json={
+            "model": "tiny-qwen2-vl", "stream": True, "max_tokens": 3000, "temperature": 0,
+            "messages": [{"role": "user", "content": "Write a very long story."}]}) as response:
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        assert next(lines).startswith("data:")
+    # Closing the stream cancels the Triton request; the llm model drops it within a step.
+    for _ in range(100):
+        if _metric(stack, "vlm_llm_active_requests") == 0:
+            break
+        time.sleep(0.1)
+    assert _metric(stack, "vlm_llm_active_requests") == 0
+    assert _metric(stack, "vlm_llm_steps_total") - steps_before < 1000, "generation stopped early"
+    ok = client.chat.completions.create(model="tiny-qwen2-vl", max_tokens=4, messages=[
+        {"role": "user", "content": "And now?"}])
+    assert ok.usage.completion_tokens > 0

@@ -30,6 +30,9 @@ class OnnxVisionEncoder:
         self, pixel_values: np.ndarray, grid_thw: np.ndarray, spatial_merge_size: int
     ) -> np.ndarray:
         """Image embeddings [num_patches / merge**2, hidden_size] float32, in grid order."""
-        inputs = vit_inputs(pixel_values, grid_thw, spatial_merge_size)
+        return self.run(vit_inputs(pixel_values, grid_thw, spatial_merge_size))
+
+    def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Run on ready graph inputs (`pixel_values`, `position_ids`, `segment_ids`), as the `vit` model gets them."""
         (image_embeds,) = self._session.run(["image_embeds"], inputs)
         return image_embeds

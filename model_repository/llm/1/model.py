@@ -39,12 +39,11 @@ class EngineMetrics:
         self.max_batch = family("vlm_llm_max_batch_size", gauge, "Largest number of sequences in one step")
         self.active = family("vlm_llm_active_requests", gauge, "Requests the engine holds")
 
-    def publish(self, batch_size: int, tokens: int, max_batch: int, active: int) -> None:
+    def publish(self, batch_size: int, tokens: int, max_batch: int) -> None:
         self.steps.increment(1)
         self.batched.increment(batch_size)
         self.tokens.increment(tokens)
         self.max_batch.set(max_batch)
-        self.active.set(active)
 
 
 class TritonPythonModel:
@@ -103,6 +102,7 @@ class TritonPythonModel:
         while self.running:
             self._admit(block=not self.engine.has_unfinished())
             self._drop_cancelled()
+            self.metrics.active.set(len(self.senders))
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -111,7 +111,7 @@ class TritonPythonModel:
                 self._fail_all(exc)
                 continue
             stats = self.engine.stats
-            self.metrics.publish(stats.last_batch_size, stats.last_num_tokens, stats.max_batch_size, len(self.senders))
+            self.metrics.publish(stats.last_batch_size, stats.last_num_tokens, stats.max_batch_size)
             for out in outputs:
                 self._send(out)
 
@@ -146,8 +146,10 @@ class TritonPythonModel:
         if sender is None:
             return
         self.engine.abort(request_id)
-        if not sender.is_cancelled():
+        try:  # also for cancelled requests: without the final flag Triton counts them in flight
             sender.send(flags=FINAL)
+        except pb_utils.TritonModelException:
+            pass
 
     def _send(self, out) -> None:
         sender = self.senders.get(out.request_id)

@@ -38,6 +38,14 @@ def _raise_if_error(response) -> None:
         raise RuntimeError(message)
 
 
+def _close(sender) -> None:
+    """End a cancelled request's stream: without the final flag Triton counts it in flight forever."""
+    try:
+        sender.send(flags=FINAL)
+    except pb_utils.TritonModelException:  # already closed by Triton
+        pass
+
+
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
@@ -62,7 +70,9 @@ class TritonPythonModel:
         try:
             await self._generate(request, sender)
         except Exception as exc:
-            if not sender.is_cancelled():
+            if sender.is_cancelled():
+                _close(sender)
+            else:
                 sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
 
     async def _generate(self, request, sender) -> None:
@@ -155,6 +165,7 @@ class TritonPythonModel:
             if stops.stopped or not llm_finish:  # ended early: free the engine's resources now
                 await self._abort(request_id)
         if sender.is_cancelled():
+            _close(sender)
             return
         if not stops.stopped:
             text += stops.feed(detok.flush()) + stops.flush()
