@@ -47,13 +47,13 @@ def main(argv: list[str] | None = None) -> None:
     print(f"Triton gRPC   127.0.0.1:{args.grpc_port}  (metrics http://127.0.0.1:{args.metrics_port}/metrics)")
     print(f"OpenAI API    {stack.proxy.base_url}  model={stack.proxy.model_name}")
     print(f"Logs          {deploy_dir}/tritonserver.log, {deploy_dir}/proxy.log   (Ctrl-C stops)", flush=True)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: sys.exit(0))
     try:
         while stack.running():
             time.sleep(1)
-        print("a server process exited; stopping", file=sys.stderr)
-    except KeyboardInterrupt:
-        pass
+        sys.exit("a server process exited; see the logs above")
     finally:
         stack.stop()
 
