@@ -93,13 +93,24 @@ class TritonVLMClient:
         except InferenceServerException:
             return False
 
-    async def generate(self, messages: list[dict], media: list[bytes], sampling: dict,
-                       request_id: str) -> AsyncIterator[GenerationChunk]:
+    def generate(self, messages: list[dict], media: list[bytes], sampling: dict,
+                 request_id: str) -> AsyncIterator[GenerationChunk]:
         """Stream the answer to HF-form `messages`; `media` holds the bytes of their image/video parts, in order.
 
         Raises InvalidRequestError for requests the model rejects, TritonError for anything else.
         """
-        inputs = [_bytes_input("REQUEST", [json.dumps({"messages": messages, "sampling": sampling}).encode()])]
+        return self._stream({"messages": messages, "sampling": sampling}, media, request_id)
+
+    def generate_text(self, prompt: str, sampling: dict, request_id: str) -> AsyncIterator[GenerationChunk]:
+        """Stream the continuation of a plain-text prompt (tokenized as it is, without the chat template)."""
+        return self._stream({"prompt": prompt, "sampling": sampling}, [], request_id)
+
+    async def _stream(self, body: dict, media: list[bytes], request_id: str) -> AsyncIterator[GenerationChunk]:
+        try:
+            encoded = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise InvalidRequestError("the request text is not valid Unicode (an unpaired surrogate)") from None
+        inputs = [_bytes_input("REQUEST", [encoded])]
         if media:
             inputs.append(_bytes_input("MEDIA", media))
         request = {"model_name": MODEL_NAME, "inputs": inputs, "request_id": request_id}

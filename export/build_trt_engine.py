@@ -2,6 +2,8 @@
 
 Written against the TensorRT 10 Python API (weakly typed network + precision
 flags). Needs ``tensorrt`` and a CUDA GPU; without them it exits with code 2.
+Progress goes to stderr (``export.trt_progress``). ``export.vit_engine`` wraps
+export + build with a cache keyed on the checkpoint.
 
 CLI: ``python -m export.build_trt_engine VIT.onnx OUT.plan [--checkpoint CKPT] [--precision fp16]``
 
@@ -19,6 +21,9 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.trt_progress import PhaseLog, progress_monitor
+from vlmserve.media_settings import capped_max_pixels
+
 PRECISIONS = ("fp16", "bf16", "fp32")
 
 
@@ -28,7 +33,11 @@ class EngineBuildUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class ProcessorLimits:
-    """What bounds the patch count of one image; defaults are Qwen2VLImageProcessor's."""
+    """What bounds the patch count of one image; defaults are Qwen2VLImageProcessor's.
+
+    ``from_checkpoint`` caps max_pixels as the served default does (``MediaSettings``), so the
+    profile covers exactly the images the `preprocess` model produces.
+    """
 
     min_pixels: int = 56 * 56
     max_pixels: int = 28 * 28 * 1280
@@ -40,10 +49,12 @@ class ProcessorLimits:
         """Read ``preprocessor_config.json``; top-level min/max_pixels win over ``size``, as in HF."""
         config = json.loads((Path(checkpoint_dir) / "preprocessor_config.json").read_text())
         size = config.get("size") or {}
+        patch_size = config.get("patch_size", cls.patch_size)
         return cls(
             min_pixels=config.get("min_pixels") or size.get("shortest_edge") or cls.min_pixels,
-            max_pixels=config.get("max_pixels") or size.get("longest_edge") or cls.max_pixels,
-            patch_size=config.get("patch_size", cls.patch_size),
+            max_pixels=capped_max_pixels(
+                config.get("max_pixels") or size.get("longest_edge") or cls.max_pixels, patch_size),
+            patch_size=patch_size,
             merge_size=config.get("merge_size", cls.merge_size),
         )
 
@@ -80,7 +91,20 @@ def cuda_device_count() -> int:
     return count.value
 
 
-def _import_tensorrt():
+def cuda_device_name(index: int = 0) -> str:
+    """``"<name> sm_<major><minor>"`` of a GPU: a plan runs only on the GPU model it was built for."""
+    cuda = ctypes.CDLL("libcuda.so.1")
+    device, name = ctypes.c_int(), ctypes.create_string_buffer(256)
+    major, minor = ctypes.c_int(), ctypes.c_int()
+    if (cuda.cuInit(0) or cuda.cuDeviceGet(ctypes.byref(device), index)
+            or cuda.cuDeviceGetName(name, len(name), device)
+            or cuda.cuDeviceGetAttribute(ctypes.byref(major), 75, device)  # COMPUTE_CAPABILITY_MAJOR
+            or cuda.cuDeviceGetAttribute(ctypes.byref(minor), 76, device)):  # COMPUTE_CAPABILITY_MINOR
+        raise EngineBuildUnavailable(f"cannot query CUDA device {index}")
+    return f"{name.value.decode()} sm_{major.value}{minor.value}"
+
+
+def import_tensorrt():
     try:
         import tensorrt as trt
     except (ImportError, OSError) as exc:  # OSError: the wheel is there, libnvinfer is not
@@ -103,15 +127,17 @@ def build_engine(
     """Parse ``onnx_path``, build for ``precision`` over (min, opt, max) patches, write ``plan_path``."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    trt = _import_tensorrt()
+    trt = import_tensorrt()
+    log = PhaseLog()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(0)  # explicit batch is the only mode in TensorRT 10
     parser = trt.OnnxParser(network, logger)
     # parse_from_file (not parse(bytes)) so external weight files next to the model are found.
-    if not parser.parse_from_file(str(onnx_path)):
-        errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n{errors}")
+    with log.phase(f"parsing {onnx_path}"):
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "\n".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+            raise RuntimeError(f"TensorRT could not parse {onnx_path}:\n{errors}")
 
     config = builder.create_builder_config()
     if workspace_gib is not None:
@@ -134,13 +160,18 @@ def build_engine(
         shapes = [tuple(n if d == -1 else d for d in tensor.shape) for n in patch_profile]
         profile.set_shape(tensor.name, *shapes)
     config.add_optimization_profile(profile)
+    monitor = progress_monitor(trt)
+    if monitor is not None:
+        config.progress_monitor = monitor
 
-    serialized = builder.build_serialized_network(network, config)
+    with log.phase(f"building the {precision} engine for {patch_profile[0]}..{patch_profile[2]} patches"):
+        serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise RuntimeError("TensorRT engine build failed (see the TensorRT log above)")
     plan_path = Path(plan_path)
     plan_path.parent.mkdir(parents=True, exist_ok=True)
-    plan_path.write_bytes(serialized)  # IHostMemory is a buffer
+    with log.phase(f"writing {plan_path}"):
+        plan_path.write_bytes(serialized)  # IHostMemory is a buffer
     return plan_path
 
 

@@ -1,8 +1,12 @@
 """Write a deployable Triton model repository for a checkpoint and a target.
 
-`cpu`: the ViT is the exported ONNX graph run by ONNX Runtime inside a Python-backend model.
+`cpu`: the ViT is the exported ONNX graph run by ONNX Runtime inside a Python-backend model, with a
+thread count that leaves the LLM its cores (default from os.cpu_count()).
 `gpu`: the ViT is a TensorRT plan with one instance group per GPU (`--gpus 0,1,2,3`).
-The Python models' code is copied from `model_repository/`; `config.pbtxt` is written here.
+Both: `vit_cache` holds ViT outputs for every `vlm` instance (`--vit-cache-mb 0` turns it off), and
+the media limits (`--max-pixels`, `--max-frames`, `--video-max-pixels`, ...) go to `preprocess` and
+`vlm` alike (`vlm` keys the cache on them). The Python models' code is copied from
+`model_repository/`; `config.pbtxt` is written here.
 
     python -m export.generate_repository --checkpoint CKPT --target cpu --vit-onnx vit.onnx --out REPO
     python -m export.generate_repository --checkpoint CKPT --target gpu --vit-engine vit.plan --gpus 0,1 --out REPO
@@ -11,12 +15,23 @@ The Python models' code is copied from `model_repository/`; `config.pbtxt` is wr
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vlmserve.media_settings import MediaSettings
+from vlmserve.vit_packing import MAX_PATCHES_PER_CALL
+
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
-PYTHON_MODELS = ("preprocess", "vit", "llm", "vlm")
+MEDIA_PARAMETERS = tuple(f.name for f in dataclasses.fields(MediaSettings))
+
+
+def default_vit_cpu_threads(cpu_count: int, llm_threads: int, vit_instances: int) -> int:
+    """ONNX Runtime threads per CPU ViT instance: the cores the LLM does not use (half when unset)."""
+    llm_share = llm_threads or cpu_count // 2
+    return max(1, (cpu_count - llm_share) // vit_instances)
 
 
 @dataclass
@@ -29,11 +44,18 @@ class RepositoryOptions:
     gpus: list[int] = field(default_factory=lambda: [0])
     vit_instances_per_gpu: int = 1
     vit_cpu_instances: int = 1
-    vit_cpu_threads: int = 1
+    vit_cpu_threads: int | None = None  # None: default_vit_cpu_threads(os.cpu_count(), ...)
+    vit_max_patches: int = MAX_PATCHES_PER_CALL  # packing budget per vit call; larger media go alone
+    vit_cache_mb: float = 512.0  # 0 turns the ViT embedding cache off
+    media: dict[str, str] = field(default_factory=dict)  # MediaSettings overrides, e.g. {"max_frames": "64"}
     preprocess_instances: int = 2
     llm_dtype: str = "float32"
     max_num_seqs: int = 64
     max_num_batched_tokens: int = 2048
+    kv_block_size: int = 16  # tokens per paged KV cache block
+    kv_cache_bytes: int = 0  # the llm's KV pool; 0: 256 MiB on cpu, kv_cache_memory_fraction of free GPU memory
+    kv_cache_memory_fraction: float = 0.0  # gpu only; 0: the engine's default (0.5)
+    enable_prefix_caching: bool = True
     llm_threads: int = 0  # torch intra-op threads in the llm model; 0 keeps torch's default
 
 
@@ -51,8 +73,9 @@ def _parameters(values: dict[str, object]) -> str:
 
 
 def _config(name: str, backend: str, inputs: list[str], outputs: list[str], instances: str,
-            params: dict[str, object] | None = None, decoupled: bool = False) -> str:
-    text = f'name: "{name}"\n{backend}\nmax_batch_size: 0\n'
+            params: dict[str, object] | None = None, decoupled: bool = False, comment: str = "") -> str:
+    text = "".join(f"# {line}\n" for line in comment.splitlines())
+    text += f'name: "{name}"\n{backend}\nmax_batch_size: 0\n'
     if decoupled:
         text += "model_transaction_policy { decoupled: true }\n"
     text += _io("input", inputs) + _io("output", outputs) + instances
@@ -73,21 +96,46 @@ VIT_INPUTS = [_tensor("pixel_values", "TYPE_FP32", [-1, -1]), _tensor("position_
 VIT_OUTPUTS = [_tensor("image_embeds", "TYPE_FP32", [-1, -1])]
 
 
+VIT_BATCHING = """No dynamic_batching: the patch dimension is ragged and segment_ids restart at 0 in every
+request, so Triton's batcher (max_batch_size > 0, concatenation along a batch dimension) would
+merge attention segments of different requests. The vlm model batches instead: it packs all
+media of a request into calls of at most vit_max_patches patches (vlmserve/vit_packing.py);
+a larger medium goes alone. On GPU the engine profile's max covers the largest image."""
+
+
 def vit_config(opts: RepositoryOptions) -> str:
     if opts.target == "gpu":
         return _config("vit", 'platform: "tensorrt_plan"', VIT_INPUTS, VIT_OUTPUTS,
-                       _gpu_instances(opts.gpus, opts.vit_instances_per_gpu))
+                       _gpu_instances(opts.gpus, opts.vit_instances_per_gpu), comment=VIT_BATCHING)
+    threads = opts.vit_cpu_threads or default_vit_cpu_threads(os.cpu_count() or 1, opts.llm_threads,
+                                                              opts.vit_cpu_instances)
     return _config("vit", 'backend: "python"', VIT_INPUTS, VIT_OUTPUTS, _cpu_instances(opts.vit_cpu_instances),
-                   {"onnx_path": Path(opts.vit_onnx).resolve(), "intra_op_threads": opts.vit_cpu_threads})
+                   {"onnx_path": Path(opts.vit_onnx).resolve(), "intra_op_threads": threads}, comment=VIT_BATCHING)
+
+
+def _media_parameters(opts: RepositoryOptions) -> dict[str, object]:
+    unknown = set(opts.media) - set(MEDIA_PARAMETERS)
+    if unknown:
+        raise ValueError(f"unknown media settings {sorted(unknown)}; known: {', '.join(MEDIA_PARAMETERS)}")
+    return {"checkpoint_dir": opts.checkpoint.resolve(), **opts.media}
 
 
 def preprocess_config(opts: RepositoryOptions) -> str:
     inputs = [_tensor("MEDIA", "TYPE_STRING", [1]), _tensor("KIND", "TYPE_STRING", [1]),
               _tensor("FPS", "TYPE_FP32", [1], optional=True)]
-    outputs = [_tensor("PIXEL_VALUES", "TYPE_FP32", [-1, -1]), _tensor("POSITION_IDS", "TYPE_INT64", [-1, 2]),
-               _tensor("SEGMENT_IDS", "TYPE_INT64", [-1]), _tensor("GRID_THW", "TYPE_INT64", [3])]
+    outputs = [_tensor("PIXEL_VALUES", "TYPE_FP32", [-1, -1]), _tensor("GRID_THW", "TYPE_INT64", [3])]
     return _config("preprocess", 'backend: "python"', inputs, outputs, _cpu_instances(opts.preprocess_instances),
-                   {"checkpoint_dir": opts.checkpoint.resolve()})
+                   _media_parameters(opts))
+
+
+def vit_cache_config(opts: RepositoryOptions) -> str:
+    inputs = [_tensor("KEY", "TYPE_STRING", [1]), _tensor("EMBEDS", "TYPE_FP32", [-1, -1], optional=True),
+              _tensor("GRID_THW", "TYPE_INT64", [3], optional=True)]
+    outputs = [_tensor("FOUND", "TYPE_BOOL", [1]), _tensor("EMBEDS", "TYPE_FP32", [-1, -1]),
+               _tensor("GRID_THW", "TYPE_INT64", [3])]
+    # Exactly one instance: the cache is shared by all vlm instances only if it exists once.
+    return _config("vit_cache", 'backend: "python"', inputs, outputs, _cpu_instances(1),
+                   {"max_bytes": int(opts.vit_cache_mb * 2**20)})
 
 
 def llm_config(opts: RepositoryOptions) -> str:
@@ -99,7 +147,12 @@ def llm_config(opts: RepositoryOptions) -> str:
     outputs = [_tensor("TOKEN_IDS", "TYPE_INT64", [-1]), _tensor("FINISH_REASON", "TYPE_STRING", [1])]
     params = {"checkpoint_dir": opts.checkpoint.resolve(), "dtype": opts.llm_dtype,
               "device": "cuda" if opts.target == "gpu" else "cpu", "max_num_seqs": opts.max_num_seqs,
-              "max_num_batched_tokens": opts.max_num_batched_tokens}
+              "max_num_batched_tokens": opts.max_num_batched_tokens, "kv_block_size": opts.kv_block_size,
+              "enable_prefix_caching": str(opts.enable_prefix_caching).lower()}
+    if opts.kv_cache_bytes:
+        params["kv_cache_bytes"] = opts.kv_cache_bytes
+    if opts.kv_cache_memory_fraction:
+        params["kv_cache_memory_fraction"] = opts.kv_cache_memory_fraction
     if opts.llm_threads:
         params["torch_threads"] = opts.llm_threads
     # One instance: the engine batches all requests itself.
@@ -110,11 +163,13 @@ def vlm_config(opts: RepositoryOptions) -> str:
     inputs = [_tensor("REQUEST", "TYPE_STRING", [1]), _tensor("MEDIA", "TYPE_STRING", [-1], optional=True)]
     outputs = [_tensor("TEXT", "TYPE_STRING", [1]), _tensor("FINISH_REASON", "TYPE_STRING", [1]),
                _tensor("PROMPT_TOKENS", "TYPE_INT32", [1]), _tensor("COMPLETION_TOKENS", "TYPE_INT32", [1])]
-    return _config("vlm", 'backend: "python"', inputs, outputs, _cpu_instances(1),
-                   {"checkpoint_dir": opts.checkpoint.resolve()}, decoupled=True)
+    params = {**_media_parameters(opts), "vit_cache": str(opts.vit_cache_mb > 0).lower(),
+              "vit_max_patches": opts.vit_max_patches}
+    return _config("vlm", 'backend: "python"', inputs, outputs, _cpu_instances(1), params, decoupled=True)
 
 
-CONFIGS = {"preprocess": preprocess_config, "vit": vit_config, "llm": llm_config, "vlm": vlm_config}
+CONFIGS = {"preprocess": preprocess_config, "vit": vit_config, "vit_cache": vit_cache_config, "llm": llm_config,
+           "vlm": vlm_config}
 
 
 def generate_repository(opts: RepositoryOptions) -> Path:
@@ -128,6 +183,8 @@ def generate_repository(opts: RepositoryOptions) -> Path:
     if opts.out.exists():
         shutil.rmtree(opts.out)
     for name, make_config in CONFIGS.items():
+        if name == "vit_cache" and opts.vit_cache_mb <= 0:
+            continue
         version = opts.out / name / "1"
         version.mkdir(parents=True)
         (opts.out / name / "config.pbtxt").write_text(make_config(opts))
@@ -148,17 +205,31 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gpus", default="0", help="comma-separated GPU ids; one ViT instance group per GPU")
     parser.add_argument("--vit-instances-per-gpu", type=int, default=1)
     parser.add_argument("--vit-cpu-instances", type=int, default=1)
-    parser.add_argument("--vit-cpu-threads", type=int, default=1)
+    parser.add_argument("--vit-cpu-threads", type=int, help="default: the cores the LLM leaves, per instance")
+    parser.add_argument("--vit-max-patches", type=int, default=MAX_PATCHES_PER_CALL,
+                        help="packing budget per vit call (gpu: at most the engine profile's max)")
+    parser.add_argument("--vit-cache-mb", type=float, default=512.0, help="ViT embedding cache budget; 0: off")
+    for name in MEDIA_PARAMETERS:
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help="default: vlmserve/media_settings.py")
     parser.add_argument("--preprocess-instances", type=int, default=2)
     parser.add_argument("--llm-threads", type=int, default=0, help="torch threads for the llm model (0: default)")
     parser.add_argument("--llm-dtype", default=None, help="default: float32 on cpu, bfloat16 on gpu")
+    parser.add_argument("--kv-cache-bytes", type=int, default=0, help="llm KV pool size (0: engine default)")
+    parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.0,
+                        help="gpu: share of free memory for the KV pool when --kv-cache-bytes is 0 (0: 0.5)")
+    parser.add_argument("--kv-block-size", type=int, default=16)
+    parser.add_argument("--no-prefix-caching", action="store_true", help="turn the llm's prefix cache off")
     args = parser.parse_args(argv)
     opts = RepositoryOptions(
         checkpoint=args.checkpoint, out=args.out, target=args.target, vit_onnx=args.vit_onnx,
         vit_engine=args.vit_engine, gpus=[int(g) for g in args.gpus.split(",")],
         vit_instances_per_gpu=args.vit_instances_per_gpu, vit_cpu_instances=args.vit_cpu_instances,
-        vit_cpu_threads=args.vit_cpu_threads, preprocess_instances=args.preprocess_instances,
-        llm_threads=args.llm_threads,
+        vit_cpu_threads=args.vit_cpu_threads, vit_max_patches=args.vit_max_patches, vit_cache_mb=args.vit_cache_mb,
+        media={name: getattr(args, name) for name in MEDIA_PARAMETERS if getattr(args, name) is not None},
+        preprocess_instances=args.preprocess_instances,
+        llm_threads=args.llm_threads, kv_cache_bytes=args.kv_cache_bytes,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction, kv_block_size=args.kv_block_size,
+        enable_prefix_caching=not args.no_prefix_caching,
         llm_dtype=args.llm_dtype or ("bfloat16" if args.target == "gpu" else "float32"))
     print(generate_repository(opts))
 

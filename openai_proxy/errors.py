@@ -18,12 +18,14 @@ logger = logging.getLogger(__name__)
 class APIError(Exception):
     """An error to report to the client as it is."""
 
-    def __init__(self, status_code: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    def __init__(self, status_code: int, message: str, *, param: str | None = None, code: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
         self.message = message
         self.param = param
         self.code = code
+        self.headers = headers
 
     @property
     def type(self) -> str:
@@ -33,7 +35,7 @@ class APIError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code)
+        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
 def to_api_error(exc: Exception) -> APIError:
@@ -51,16 +53,36 @@ def to_api_error(exc: Exception) -> APIError:
     return APIError(500, f"internal error: {type(exc).__name__}")
 
 
+# Location parts that name a member of a union ("str", "list[...]", "function-after[...]"), not a field.
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict"}
+
+
+def _location(error: dict) -> list[str]:
+    # Locations start with "body"; the rest is the path of the offending field.
+    return [str(part) for part in error["loc"][1:] if part not in _UNION_MEMBERS and "[" not in str(part)]
+
+
+def _message(location: list[str], error: dict) -> str:
+    if error["type"] == "extra_forbidden" and len(location) == 1:
+        return f"Unrecognized request argument supplied: {location[0]}"  # OpenAI's words
+    # A validator's own reason, without pydantic's "Value error, " in front.
+    reason = str(error["ctx"]["error"]) if error["type"] == "value_error" else error["msg"]
+    return f"{'.'.join(location) or 'request body'}: {reason}"
+
+
 def _validation_error(exc: RequestValidationError) -> APIError:
     errors = exc.errors()
-    if errors and errors[0]["type"] == "json_invalid":
+    if not errors:
+        return APIError(400, "invalid request")
+    if errors[0]["type"] == "json_invalid":
         reason = errors[0].get("ctx", {}).get("error")
         return APIError(400, "The request body is not valid JSON" + (f": {reason}" if reason else ""))
-    # Locations start with "body"; the rest is the path of the offending field.
-    locations = [[str(part) for part in error["loc"][1:]] for error in errors]
-    message = "; ".join(f"{'.'.join(loc) or 'request body'}: {error['msg']}" for loc, error in zip(locations, errors))
+    # One error, as OpenAI reports them: the deepest, and rather not a union member's plain type mismatch,
+    # which is how pydantic reports the members the input was not meant for.
+    error = max(errors, key=lambda e: (len(e["loc"]), not e["type"].endswith("_type")))
+    location = _location(error)
     # OpenAI names the top-level request field in `param`.
-    return APIError(400, message or "invalid request", param=locations[0][0] if locations and locations[0] else None)
+    return APIError(400, _message(location, error), param=location[0] if location else None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

@@ -1,17 +1,11 @@
-"""OpenAI chat requests -> what the Triton `vlm` model takes: HF chat-template messages, media, sampling."""
+"""OpenAI requests -> what the Triton `vlm` model takes: HF chat-template messages, media URLs, sampling."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from openai_proxy.schemas import (
-    ChatCompletionRequest,
-    ImageURLPart,
-    Message,
-    SystemMessage,
-    TextPart,
-    VideoURLPart,
-)
+from openai_proxy.chat_schemas import ImageURLPart, Message, SystemMessage, TextPart, VideoURLPart
+from openai_proxy.schemas import GenerationRequest
 
 # Request fields passed to the model under the same name when the client sets them.
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty", "seed")
@@ -43,10 +37,10 @@ def to_hf_messages(messages: Sequence[Message], default_video_fps: float) -> tup
     return hf_messages, urls
 
 
-def sampling_params(request: ChatCompletionRequest, default_max_tokens: int) -> dict:
+def sampling_params(request: GenerationRequest, max_tokens: int) -> dict:
     """The `sampling` object of the Triton request; unset options are left to the model's defaults."""
     sampling = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
-    sampling["max_tokens"] = request.max_completion_tokens or request.max_tokens or default_max_tokens
+    sampling["max_tokens"] = max_tokens
     if request.stop is not None:
-        sampling["stop"] = [request.stop] if isinstance(request.stop, str) else request.stop
+        sampling["stop"] = request.stop_list()
     return sampling

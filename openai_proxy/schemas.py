@@ -1,150 +1,84 @@
-"""The subset of the OpenAI chat completions API the proxy speaks, as pydantic models.
+"""What chat and text completion requests share, as pydantic models, plus usage and the model list.
 
-Unknown request fields are ignored, as OpenAI-compatible servers usually do, so that clients
-sending extra options still work.
+Like OpenAI, requests with unknown fields are rejected. Fields of OpenAI's API that this server
+cannot honour (tools, logprobs, n > 1, ...) are accepted only with a value that asks for nothing,
+so that a client relying on them gets a clear 400 instead of a silently different answer.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
-
-# --- request -------------------------------------------------------------------------------------
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
-class TextPart(BaseModel):
-    type: Literal["text"]
-    text: str
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
 
 
-class ImageURL(BaseModel):
-    url: str
-    detail: Literal["auto", "low", "high"] = "auto"  # accepted for compatibility; resolution is the server's
+class StreamOptions(StrictModel):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None  # accepted; chunks carry no obfuscation padding
 
 
-class ImageURLPart(BaseModel):
-    type: Literal["image_url"]
-    image_url: ImageURL
+class GenerationRequest(StrictModel):
+    """Sampling and streaming options of both completion APIs."""
 
-
-class VideoURL(BaseModel):
-    url: str
-    fps: float | None = Field(None, gt=0)
-
-
-class VideoURLPart(BaseModel):
-    type: Literal["video_url"]
-    video_url: VideoURL
-
-
-UserPart = Annotated[TextPart | ImageURLPart | VideoURLPart, Field(discriminator="type")]
-
-
-class SystemMessage(BaseModel):
-    role: Literal["system", "developer"]  # "developer" is OpenAI's newer name for system
-    content: str | list[TextPart]
-    name: str | None = None
-
-
-class UserMessage(BaseModel):
-    role: Literal["user"]
-    content: str | list[UserPart]
-    name: str | None = None
-
-
-class AssistantMessage(BaseModel):
-    role: Literal["assistant"]
-    content: str | list[TextPart]
-    name: str | None = None
-
-
-Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatCompletionRequest(BaseModel):
     model: str
-    messages: list[Message] = Field(min_length=1)
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    max_tokens: int | None = Field(None, ge=1)  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     top_k: int | None = Field(None, ge=0)  # extension (as in vLLM); 0 turns it off
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
-    n: int = 1
-    user: str | None = None
+    user: str | None = None  # accepted and ignored
+    n: Any = None
+    logit_bias: Any = None
 
-    @field_validator("n")
+    # Field -> (values that ask for nothing, why other values are refused). Subclasses extend it.
+    NEUTRAL: ClassVar[dict[str, tuple[tuple, str]]] = {
+        "n": ((None, 1), "only n=1 is supported"),
+        "logit_bias": ((None, {}), "logit_bias is not supported by this server"),
+    }
+
+    @field_validator("*")
     @classmethod
-    def only_one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported")
-        return n
+    def _unsupported_fields_ask_for_nothing(cls, value: Any, info: ValidationInfo) -> Any:
+        if info.field_name in cls.NEUTRAL:
+            neutral, reason = cls.NEUTRAL[info.field_name]
+            if value not in neutral:
+                raise ValueError(reason)
+        return value
 
+    @field_validator("stop")
+    @classmethod
+    def _up_to_four_stop_strings(cls, stop: str | list[str] | None) -> str | list[str] | None:
+        stops = [stop] if isinstance(stop, str) else stop or []
+        if len(stops) > 4 or not all(stops):
+            raise ValueError("stop takes up to 4 non-empty strings")
+        return stop
 
-# --- responses -----------------------------------------------------------------------------------
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self) -> GenerationRequest:
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options is only allowed when stream is true")
+        return self
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def stop_list(self) -> list[str] | None:
+        return [self.stop] if isinstance(self.stop, str) else self.stop
 
 
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-
-
-class AssistantReply(BaseModel):
-    role: Literal["assistant"] = "assistant"
-    content: str
-
-
-class Choice(BaseModel):
-    index: int = 0
-    message: AssistantReply
-    finish_reason: str
-    logprobs: None = None
-
-
-class ChatCompletion(BaseModel):
-    id: str
-    object: Literal["chat.completion"] = "chat.completion"
-    created: int
-    model: str
-    choices: list[Choice]
-    usage: Usage
-
-
-def _is_none(value: object) -> bool:
-    return value is None
-
-
-class Delta(BaseModel):
-    # OpenAI sends only the keys that changed: the role once, then content.
-    role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
-    content: str | None = Field(None, exclude_if=_is_none)
-
-
-class ChunkChoice(BaseModel):
-    index: int = 0
-    delta: Delta
-    finish_reason: str | None = None
-    logprobs: None = None
-
-
-class ChatCompletionChunk(BaseModel):
-    id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
-    created: int
-    model: str
-    choices: list[ChunkChoice]
-    usage: Usage | None = None  # set on the extra last chunk when stream_options.include_usage
 
 
 class ModelCard(BaseModel):

@@ -9,7 +9,17 @@ from dataclasses import dataclass
 class Settings:
     triton_url: str = "127.0.0.1:8001"  # Triton gRPC host:port
     served_model_name: str = "qwen2-vl"  # the only `model` accepted and listed
-    default_max_tokens: int = 512  # when the request sets neither max_tokens nor max_completion_tokens
+    default_max_tokens: int = 512  # chat requests that set neither max_tokens nor max_completion_tokens
     default_video_fps: float = 2.0  # when a video_url part sets no fps
+    api_key: str | None = None  # when set, /v1 routes want `Authorization: Bearer <api_key>`
+    max_request_bytes: int = 64 * 1024 * 1024  # request body; larger ones get 413
+    max_concurrent_requests: int = 256  # generations in flight (streams included); more get 429
+    request_timeout_s: float = 600.0  # whole request, media fetching and generation included
+    shutdown_grace_s: float = 20.0  # on SIGTERM, how long in-flight requests may still run
+    max_media_per_request: int = 16  # images + videos of one request
     max_media_bytes: int = 64 * 1024 * 1024  # per image or video, fetched or inline
-    media_timeout_s: float = 30.0  # total time to download one media URL
+    media_timeout_s: float = 30.0  # total time to download one media URL, redirects included
+    # Media URLs that resolve to loopback, private, link-local or other non-public addresses are
+    # refused (SSRF) unless allowed here: all of them, or those inside the listed networks (CIDRs).
+    allow_private_media_urls: bool = False
+    allowed_media_networks: tuple[str, ...] = ()

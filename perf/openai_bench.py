@@ -1,82 +1,92 @@
-"""The reference's concurrency benchmark through the OpenAI API: N requests, W workers, two images each.
+"""The reference's concurrency benchmark through the OpenAI API: N requests, W workers, one two-image question.
 
     python -m perf.openai_bench --base-url http://127.0.0.1:8000/v1 --model tiny-qwen2-vl \
-        --image-url URL1 --image-url URL2 --requests 100 --workers 10
+        --image-url URL1 --image-url URL2 --requests 100 --workers 10 --json bench.json --plot bench.png
 
-Prints total time, QPS, mean latency (as the reference does) plus time to first token and output
-tokens/s; `--json` writes the figures to a file.
+Prints what the reference prints (total time, QPS, mean latency) and, from the stream, time to first
+token, time per output token and request latency (mean, p50/p90/p99) and output tokens/s. Every
+request asks the same question about the same images, as the reference does (so a server with a
+ViT cache encodes them once). Without --image-url it draws two images and serves them itself from
+127.0.0.1; our proxy then needs `--allow-media-network 127.0.0.0/8`. `--no-stream-options` is for
+servers that reject `stream_options` (`transformers serve`); they must send usage on their own.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import random
+import tempfile
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
+from pathlib import Path
 
-from openai import OpenAI
+from perf.media_server import MediaServer
+from perf.stats import RequestRecord, summarize
+from perf.stream_client import Target, stream_chat
+from perf.synthetic_data import draw_image
+
+QUESTION = "Are these images different?"
 
 
-@dataclass
-class RequestResult:
-    latency_s: float
-    ttft_s: float
-    completion_tokens: int
-
-
-def one_request(client: OpenAI, model: str, image_urls: list[str], max_tokens: int) -> RequestResult:
-    content = [{"type": "text", "text": "Are these images different?"}]
+def reference_messages(image_urls: Sequence[str]) -> list[dict]:
+    content = [{"type": "text", "text": QUESTION}]
     content += [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
+    return [{"role": "user", "content": content}]
+
+
+def run(target: Target, image_urls: Sequence[str], requests: int, workers: int,
+        max_tokens: int) -> tuple[list[RequestRecord], float]:
+    """Every request's record and the wall time of the whole run."""
+    client, messages = target.client(), reference_messages(image_urls)
     start = time.perf_counter()
-    ttft, tokens = None, 0
-    stream = client.chat.completions.create(model=model, messages=[{"role": "user", "content": content}],
-                                            stream=True, stream_options={"include_usage": True},
-                                            max_completion_tokens=max_tokens, temperature=0.1)
-    for chunk in stream:
-        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
-            ttft = time.perf_counter() - start
-        if chunk.usage is not None:
-            tokens = chunk.usage.completion_tokens
-    latency = time.perf_counter() - start
-    return RequestResult(latency, latency if ttft is None else ttft, tokens)
+    with ThreadPoolExecutor(workers) as pool:
+        records = list(pool.map(lambda _: stream_chat(client, target, messages, max_tokens)[0], range(requests)))
+    return records, time.perf_counter() - start
 
 
-def summarize(results: list[RequestResult], wall_s: float) -> dict[str, float]:
-    latencies = [r.latency_s for r in results]
-    return {
-        "requests": len(results),
-        "total_time_s": wall_s,
-        "qps": len(results) / wall_s,
-        "mean_latency_s": statistics.fmean(latencies),
-        "mean_ttft_s": statistics.fmean(r.ttft_s for r in results),
-        "output_tokens_per_s": sum(r.completion_tokens for r in results) / wall_s,
-    }
+def print_summary(summary: dict) -> None:
+    # The reference's three figures first, under its names.
+    print(f"{'total time (s)':>22}: {summary['wall_s']:.3f}")
+    print(f"{'QPS':>22}: {summary['qps']:.3f}")
+    print(f"{'average latency (s)':>22}: {summary['latency_mean_s']:.3f}")
+    for key, value in summary.items():
+        print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--model", default="tiny-qwen2-vl")
-    parser.add_argument("--image-url", action="append", required=True, help="repeat for several images")
+    parser.add_argument("--no-stream-options", action="store_true")
+    parser.add_argument("--image-url", action="append", help="repeat for several images (default: two drawn here)")
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--workers", type=int, default=10)
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--json", help="write the summary here")
+    parser.add_argument("--json", type=Path, help="write the summary and every request here")
+    parser.add_argument("--plot", type=Path, help="write a PNG of the latency distributions here")
     args = parser.parse_args(argv)
 
-    client = OpenAI(base_url=args.base_url, api_key="EMPTY", max_retries=0)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(args.workers) as pool:
-        results = list(pool.map(lambda _: one_request(client, args.model, args.image_url, args.max_tokens),
-                                range(args.requests)))
-    summary = summarize(results, time.perf_counter() - start)
-    for key, value in summary.items():
-        print(f"{key:>22}: {value:.3f}" if isinstance(value, float) else f"{key:>22}: {value}")
+    target = Target(args.base_url, args.base_url, args.model, stream_options=not args.no_stream_options)
+    with tempfile.TemporaryDirectory() as scratch, MediaServer(Path(scratch)) as media:
+        image_urls = args.image_url
+        if not image_urls:
+            rng = random.Random(0)
+            for name in ("a.jpg", "b.jpg"):
+                draw_image(rng, Path(scratch) / name, 224, 640)
+            image_urls = [media.url("a.jpg"), media.url("b.jpg")]
+        records, wall_s = run(target, image_urls, args.requests, args.workers, args.max_tokens)
+    summary = summarize(records, wall_s)
+    print_summary(summary)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"summary": summary, "requests": [asdict(r) for r in results]}, f, indent=2)
+        args.json.write_text(json.dumps({"summary": summary, "requests": [asdict(r) for r in records]}, indent=2))
+    if args.plot:
+        from perf.plots import plot_run  # matplotlib only when a plot is asked for
+
+        plot_run(records, f"{args.requests} requests, {args.workers} workers, {len(image_urls)} images each",
+                 args.plot)
 
 
 if __name__ == "__main__":

@@ -60,8 +60,9 @@ def stack(tiny_checkpoint, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("deploy")
     # One torch thread: OpenMP overhead dominates a model this small on a 2-core machine.
     repository = prepare_cpu_repository(tiny_checkpoint, workdir, llm_threads=1)
+    # The media server is on loopback, which the proxy refuses to fetch from unless told otherwise.
     running = Stack.create(repository, workdir, "tiny-qwen2-vl", TritonPorts(free_port(), free_port(), free_port()),
-                           free_port())
+                           free_port(), proxy_args=["--allow-media-network", "127.0.0.0/8"])
     running.start()
     yield running
     running.stop()

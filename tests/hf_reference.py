@@ -52,3 +52,14 @@ def hf_generate(checkpoint: Path, messages: list[dict], images: list[Image.Image
                              mm_token_type_ids=mm_token_type_ids, max_new_tokens=max_new_tokens, **kwargs)
     generated = out[0, input_ids.shape[1]:].tolist()
     return tokenizer.decode(generated, skip_special_tokens=True), len(generated)
+
+
+def hf_generate_text(checkpoint: Path, prompt: str, max_new_tokens: int = 16) -> tuple[str, int]:
+    """Greedy continuation of a plain-text prompt (no chat template), as text completions run it."""
+    model, tokenizer, _ = _load(str(checkpoint))
+    input_ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                             max_new_tokens=max_new_tokens)
+    generated = out[0, input_ids.shape[1]:].tolist()
+    return tokenizer.decode(generated, skip_special_tokens=True), len(generated)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import re
 
-from export.generate_repository import RepositoryOptions, generate_repository
+import pytest
+
+from export.generate_repository import RepositoryOptions, default_vit_cpu_threads, generate_repository
 
 
 def test_gpu_target_pins_one_vit_instance_group_per_gpu(tmp_path):
@@ -24,10 +26,59 @@ def test_cpu_target_serves_the_onnx_graph_from_python(tmp_path):
     onnx = tmp_path / "vit.onnx"
     onnx.write_bytes(b"onnx")
     repo = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", vit_onnx=onnx))
-    assert sorted(p.name for p in repo.iterdir()) == ["llm", "preprocess", "vit", "vlm"]
-    for name in ("preprocess", "vit", "llm", "vlm"):
+    assert sorted(p.name for p in repo.iterdir()) == ["llm", "preprocess", "vit", "vit_cache", "vlm"]
+    for name in ("preprocess", "vit", "vit_cache", "llm", "vlm"):
         config = (repo / name / "config.pbtxt").read_text()
         assert 'backend: "python"' in config and (repo / name / "1" / "model.py").exists()
     assert "decoupled: true" in (repo / "llm" / "config.pbtxt").read_text()
     assert "decoupled: true" in (repo / "vlm" / "config.pbtxt").read_text()
     assert str(onnx.resolve()) in (repo / "vit" / "config.pbtxt").read_text()
+
+
+def test_vit_is_batched_by_the_bls_not_by_triton(tmp_path):
+    engine = tmp_path / "vit.plan"
+    engine.write_bytes(b"plan")
+    repo = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", target="gpu",
+                                                 vit_engine=engine, vit_max_patches=8192))
+    vit = (repo / "vit" / "config.pbtxt").read_text()
+    assert "max_batch_size: 0" in vit and "dynamic_batching {" not in vit
+    assert "# No dynamic_batching" in vit  # the comment says why, for whoever reads the config
+    assert 'key: "vit_max_patches" value: { string_value: "8192" }' in (repo / "vlm" / "config.pbtxt").read_text()
+
+
+def test_cpu_vit_threads_leave_the_llm_its_cores(tmp_path, monkeypatch):
+    assert default_vit_cpu_threads(cpu_count=16, llm_threads=0, vit_instances=1) == 8
+    assert default_vit_cpu_threads(cpu_count=16, llm_threads=12, vit_instances=2) == 2
+    assert default_vit_cpu_threads(cpu_count=2, llm_threads=1, vit_instances=1) == 1
+    assert default_vit_cpu_threads(cpu_count=1, llm_threads=0, vit_instances=4) == 1
+    monkeypatch.setattr("os.cpu_count", lambda: 32)
+    onnx = tmp_path / "vit.onnx"
+    onnx.write_bytes(b"onnx")
+    repo = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", vit_onnx=onnx,
+                                                 llm_threads=8, vit_cpu_instances=2))
+    assert 'key: "intra_op_threads" value: { string_value: "12" }' in (repo / "vit" / "config.pbtxt").read_text()
+
+
+def test_media_settings_and_cache_switch(tmp_path):
+    onnx = tmp_path / "vit.onnx"
+    onnx.write_bytes(b"onnx")
+    opts = RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", vit_onnx=onnx, vit_cache_mb=0.5,
+                             media={"max_frames": "64", "video_max_pixels": "200704"})
+    repo = generate_repository(opts)
+    # vlm keys the cache on the same media settings preprocess applies.
+    for name in ("preprocess", "vlm"):
+        config = (repo / name / "config.pbtxt").read_text()
+        assert 'key: "max_frames" value: { string_value: "64" }' in config
+        assert 'key: "video_max_pixels" value: { string_value: "200704" }' in config
+    cache = (repo / "vit_cache" / "config.pbtxt").read_text()
+    assert "instance_group [ { kind: KIND_CPU count: 1 } ]" in cache
+    assert f'key: "max_bytes" value: {{ string_value: "{2**19}" }}' in cache
+    assert 'key: "vit_cache" value: { string_value: "true" }' in (repo / "vlm" / "config.pbtxt").read_text()
+
+    off = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "off", vit_onnx=onnx,
+                                                vit_cache_mb=0))
+    assert not (off / "vit_cache").exists()
+    assert 'key: "vit_cache" value: { string_value: "false" }' in (off / "vlm" / "config.pbtxt").read_text()
+    with pytest.raises(ValueError, match="unknown media settings"):
+        generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "bad", vit_onnx=onnx,
+                                              media={"max_framez": "1"}))

@@ -10,7 +10,6 @@ import pytest
 import torch
 from transformers import Qwen2VLForConditionalGeneration
 
-from export.tiny_model import build_tiny_checkpoint
 from vlmserve.engine import LLMEngine, Sampler, SamplingParams
 from vlmserve.engine.sequence import Sequence
 from vlmserve.errors import InvalidRequest
@@ -32,8 +31,8 @@ def one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> Path:
-    return build_tiny_checkpoint(tmp_path_factory.mktemp("llm-engine") / "tiny-qwen2-vl")
+def checkpoint(tiny_checkpoint) -> Path:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -267,14 +266,14 @@ def test_abort_frees_the_sequence(checkpoint, hf_model):
     after = engine.step()
     assert {out.request_id for out in after} == {"r1"}
     assert [seq.request_id for seq in engine.scheduler.running] == ["r1"] and not engine.scheduler.waiting
-    assert running["r0"].seq_id not in engine.runner.kv_cache
+    assert not running["r0"].block_table and engine.kv_blocks_used() == len(running["r1"].block_table)
     assert running["r0"].finish_reason == "abort"
 
     prompts["r0"].add_to(engine, "r0", GREEDY)  # an aborted id can be reused
     outputs = drain(engine)
     assert set(outputs) == {"r0", "r1"}
     assert not engine.has_unfinished() and not engine.scheduler.running
-    assert running["r1"].seq_id not in engine.runner.kv_cache
+    assert engine.kv_blocks_used() == 0
 
 
 def test_add_request_rejects_bad_inputs(checkpoint, hf_model):
@@ -291,7 +290,8 @@ def test_add_request_rejects_bad_inputs(checkpoint, hf_model):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(seed=-3),
+    [dict(max_tokens=0), dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1), dict(min_p=-0.1),
+     dict(min_p=1.5), dict(seed=-3),
      dict(stop_token_ids=[1, -2]), dict(frequency_penalty=3), dict(presence_penalty=-2.5),
      dict(repetition_penalty=0), dict(max_tokens=True)],
 )
@@ -303,7 +303,7 @@ def test_sampling_params_validation(kwargs):
 
 def test_penalties_change_greedy_choice():
     def seq(params: SamplingParams, output: list[int]) -> Sequence:
-        s = Sequence("p", np.array([0, 1]), np.zeros((3, 2), np.int64), 0, None, np.zeros(0, np.int64), params)
+        s = Sequence("p", np.array([0, 1]), np.zeros((3, 2), np.int64), 0, None, np.zeros(0, np.int64), [], params)
         for token in output:
             s.append_token(token)
         return s
@@ -316,6 +316,19 @@ def test_penalties_change_greedy_choice():
         seq(SamplingParams(temperature=0, repetition_penalty=1.2), []),  # token 1 is in the prompt
     ]
     assert Sampler()(logits, seqs) == [1, 2, 2, 2]
+
+
+def test_min_p_drops_unlikely_tokens():
+    def picks(min_p: float) -> set[int]:
+        params = SamplingParams(temperature=1.0, min_p=min_p, seed=0)
+        seq = Sequence("m", np.array([0]), np.zeros((3, 1), np.int64), 0, None, np.zeros(0, np.int64), [], params)
+        logits = torch.tensor([[0.0, 3.0, 2.9, 1.0]])
+        return {Sampler()(logits, [seq])[0] for _ in range(200)}
+
+    # exp(-0.1) = 0.905 and exp(-2) = 0.135 of the top token's probability.
+    assert picks(0.0) == {0, 1, 2, 3}
+    assert picks(0.5) == {1, 2}
+    assert picks(0.95) == {1}
 
 
 def test_mrope_positions():

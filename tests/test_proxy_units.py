@@ -1,4 +1,4 @@
-"""The OpenAI proxy without Triton: schemas, translation, media URLs, error format, SSE framing."""
+"""The OpenAI proxy without Triton: schemas, translation, data URLs, error format, SSE framing."""
 
 from __future__ import annotations
 
@@ -9,27 +9,27 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from client.triton_vlm import GenerationChunk, InvalidRequestError, TritonError
-from openai_proxy.app import create_app, triton_client
+from client.triton_vlm import InvalidRequestError, TritonError
+from openai_proxy.app import create_app
+from openai_proxy.chat_schemas import ChatCompletionRequest, ImageURLPart, TextPart, UserMessage
+from openai_proxy.completion_schemas import CompletionRequest
 from openai_proxy.media_fetch import MediaFetcher, MediaFetchError, decode_data_url
 from openai_proxy.messages import sampling_params, to_hf_messages
-from openai_proxy.schemas import ChatCompletionRequest, ImageURLPart, TextPart, UserMessage
-from openai_proxy.settings import Settings
-
-MODEL = "test-model"
-SETTINGS = Settings(triton_url="127.0.0.1:1", served_model_name=MODEL, default_max_tokens=99)  # no Triton there
+from tests.proxy_helpers import (
+    ANSWER,
+    MODEL,
+    SETTINGS,
+    FakeTriton,
+    assert_openai_error,
+    client_with,
+    image,
+    sse_payloads,
+    user,
+)
 
 
 def chat_request(**fields) -> ChatCompletionRequest:
     return ChatCompletionRequest.model_validate({"model": MODEL, **fields})
-
-
-def user(content) -> dict:
-    return {"role": "user", "content": content}
-
-
-def image(url: str) -> dict:
-    return {"type": "image_url", "image_url": {"url": url}}
 
 
 # --- schemas -------------------------------------------------------------------------------------
@@ -43,23 +43,45 @@ def test_message_content_may_be_a_string_or_a_list_of_parts():
     assert parts.content[1].image_url.detail == "auto"
 
 
-def test_unknown_fields_are_ignored_and_stop_keeps_its_form():
-    request = chat_request(messages=[user("hi")], stop="END", logprobs=False, some_future_option=1)
-    assert request.stop == "END" and request.n == 1
+def test_openai_fields_that_ask_for_nothing_are_accepted_and_stop_keeps_its_form():
+    request = chat_request(messages=[user("hi")], stop="END", logprobs=False, n=1, tools=[], tool_choice="none",
+                           response_format={"type": "text"}, user="u1", metadata={"k": "v"}, store=False,
+                           stream=None, seed=None, top_logprobs=None)
+    assert request.stop == "END" and request.stop_list() == ["END"]
 
 
-@pytest.mark.parametrize("fields", [
-    {"n": 2},
-    {"temperature": 3},
-    {"top_p": 0},
-    {"messages": []},
-    {"messages": [{"role": "tool", "content": "x"}]},
-    {"messages": [user([{"type": "input_audio", "input_audio": {}}])]},
-    {"messages": [{"role": "assistant", "content": [image("http://x/a.png")]}]},  # images only from users
+def test_unknown_fields_are_rejected_as_openai_does():
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        chat_request(messages=[user("hi")], some_future_option=1)
+    with pytest.raises(ValidationError, match="Extra inputs"):
+        chat_request(messages=[{"role": "user", "content": "hi", "cache_control": {}}])
+
+
+@pytest.mark.parametrize("fields, reason", [
+    ({"n": 2}, "only n=1"),
+    ({"logprobs": True}, "logprobs are not supported"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"logit_bias": {"50256": -100}}, "logit_bias"),
+    ({"stop": ["a", "b", "c", "d", "e"]}, "up to 4"),
+    ({"stop": ""}, "non-empty"),
+    ({"stream_options": {"include_usage": True}}, "only allowed when stream"),
+    ({"seed": -1}, "greater than or equal"),
 ])
-def test_invalid_requests_fail_validation(fields):
-    with pytest.raises(ValidationError):
+def test_what_the_server_cannot_honour_is_refused_with_a_reason(fields, reason):
+    with pytest.raises(ValidationError, match=reason):
         chat_request(**{"messages": [user("hi")], **fields})
+
+
+def test_text_completion_prompt_is_one_string():
+    assert CompletionRequest.model_validate({"model": MODEL, "prompt": ["Once"]}).prompt == "Once"
+    for prompt in (["a", "b"], [1, 2, 3], [[1, 2]], []):
+        with pytest.raises(ValidationError, match="prompt must be a string"):
+            CompletionRequest.model_validate({"model": MODEL, "prompt": prompt})
+    for field, value in (("echo", True), ("logprobs", 1), ("best_of", 2), ("suffix", "end")):
+        with pytest.raises(ValidationError, match=field):
+            CompletionRequest.model_validate({"model": MODEL, "prompt": "x", field: value})
 
 
 # --- messages ------------------------------------------------------------------------------------
@@ -85,11 +107,10 @@ def test_multi_turn_translation_keeps_history_and_orders_media():
 
 
 def test_sampling_params_map_openai_names_and_leave_unset_ones_out():
-    request = chat_request(messages=[user("hi")], max_tokens=10, max_completion_tokens=20, temperature=0,
-                           top_k=5, seed=7, stop="END", frequency_penalty=0.5)
-    assert sampling_params(request, default_max_tokens=99) == {
+    request = chat_request(messages=[user("hi")], temperature=0, top_k=5, seed=7, stop="END", frequency_penalty=0.5)
+    assert sampling_params(request, max_tokens=20) == {
         "max_tokens": 20, "temperature": 0, "top_k": 5, "seed": 7, "stop": ["END"], "frequency_penalty": 0.5}
-    assert sampling_params(chat_request(messages=[user("hi")], max_tokens=10), 99) == {"max_tokens": 10}
+    assert sampling_params(chat_request(messages=[user("hi")]), 10) == {"max_tokens": 10}
     assert sampling_params(chat_request(messages=[user("hi")], stop=["a", "b"]), 99) == {"max_tokens": 99,
                                                                                          "stop": ["a", "b"]}
 
@@ -123,20 +144,6 @@ def test_only_http_and_data_urls_are_fetched(url):
         asyncio.run(fetch())
 
 
-def test_http_fetch_in_order_with_size_limit_and_status_check(media_server):
-    small, large = media_server.add("small.bin", b"\x00" * 10), media_server.add("large.bin", b"\x01" * 1000)
-
-    async def fetch_all(urls: list[str]) -> list[bytes]:
-        async with MediaFetcher(max_bytes=100, timeout_s=5) as fetcher:
-            return await fetcher.fetch_all(urls)
-
-    assert asyncio.run(fetch_all([small, "data:,x", small])) == [b"\x00" * 10, b"x", b"\x00" * 10]
-    with pytest.raises(MediaFetchError, match="limit"):
-        asyncio.run(fetch_all([small, large]))
-    with pytest.raises(MediaFetchError, match="HTTP 404"):
-        asyncio.run(fetch_all([small.replace("small", "missing")]))
-
-
 # --- HTTP errors (nothing reaches Triton) --------------------------------------------------------
 
 
@@ -144,14 +151,6 @@ def test_http_fetch_in_order_with_size_limit_and_status_check(media_server):
 def http():
     with TestClient(create_app(SETTINGS)) as client:
         yield client
-
-
-def assert_openai_error(response, status: int, message_part: str, param: str | None = None) -> None:
-    assert response.status_code == status
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert message_part in error["message"] and error["param"] == param
-    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
 
 
 def test_malformed_json_is_a_400(http):
@@ -194,33 +193,6 @@ def test_models_health_and_unknown_routes(http):
 
 
 # --- responses, with a stand-in for Triton -------------------------------------------------------
-
-
-class FakeTriton:
-    """Streams fixed chunks, then raises `error` if one is given."""
-
-    def __init__(self, chunks: list[GenerationChunk], error: Exception | None = None) -> None:
-        self.chunks, self.error, self.calls = chunks, error, []
-
-    async def generate(self, messages, media, sampling, request_id):
-        self.calls.append((messages, media, sampling, request_id))
-        for chunk in self.chunks:
-            yield chunk
-        if self.error is not None:
-            raise self.error
-
-
-ANSWER = [GenerationChunk("Hel", None, 5, 1), GenerationChunk("lo", None, 5, 2), GenerationChunk("", "stop", 5, 3)]
-
-
-def client_with(fake: FakeTriton):
-    app = create_app(SETTINGS)
-    app.dependency_overrides[triton_client] = lambda: fake
-    return TestClient(app)
-
-
-def sse_payloads(response) -> list[str]:
-    return [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
 
 
 def test_stream_sends_role_deltas_finish_usage_and_done():
@@ -275,3 +247,35 @@ def test_an_error_mid_stream_is_the_last_event():
     assert "[DONE]" not in payloads
     error = json.loads(payloads[-1])["error"]
     assert "engine died" in error["message"] and error["type"] == "server_error"
+
+
+def test_text_completion_whole_and_streamed():
+    fake = FakeTriton(ANSWER)
+    with client_with(fake) as http:
+        body = http.post("/v1/completions", json={"model": MODEL, "prompt": ["Once upon"], "max_tokens": 7,
+                                                  "stop": "END"}).json()
+        payloads = sse_payloads(http.post("/v1/completions", json={
+            "model": MODEL, "prompt": "Once upon", "stream": True, "stream_options": {"include_usage": True}}))
+    assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
+    assert body["choices"] == [{"index": 0, "text": "Hello", "finish_reason": "stop", "logprobs": None}]
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert fake.calls[0][:2] == ("Once upon", {"max_tokens": 7, "stop": ["END"]})
+    assert fake.calls[1][1] == {"max_tokens": 16}, "OpenAI's default max_tokens for text completions"
+    assert payloads[-1] == "[DONE]"
+    chunks = [json.loads(p) for p in payloads[:-1]]
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert [c["choices"][0]["text"] for c in chunks[:3]] == ["Hel", "lo", ""]
+    assert chunks[2]["choices"][0]["finish_reason"] == "stop" and chunks[3]["choices"] == []
+    assert chunks[3]["usage"]["total_tokens"] == 8
+
+
+def test_text_that_is_not_unicode_is_refused_before_triton():
+    from client.triton_vlm import TritonVLMClient
+
+    async def generate():
+        async with TritonVLMClient("127.0.0.1:1") as client:  # nothing listens there: never reached
+            async for _ in client.generate_text("bad \ud800 surrogate", {}, request_id="x"):
+                pass
+
+    with pytest.raises(InvalidRequestError, match="unpaired surrogate"):
+        asyncio.run(generate())

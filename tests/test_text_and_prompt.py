@@ -58,3 +58,13 @@ def test_prompt_expands_one_pad_per_merged_patch(tiny_checkpoint, tokenizer):
 def test_invalid_messages_are_rejected(messages):
     with pytest.raises(InvalidRequest):
         validate_messages(messages)
+
+
+def test_raw_prompts_are_tokenized_as_they_are(tiny_checkpoint, tokenizer):
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    builder = PromptBuilder(tokenizer, config.image_token_id, config.video_token_id,
+                            config.vision_config.spatial_merge_size)
+    assert builder.raw("Once upon a time").tolist() == tokenizer("Once upon a time")["input_ids"]
+    for bad in ("", None, ["text"], "an <|image_pad|> smuggled in"):
+        with pytest.raises(InvalidRequest):
+            builder.raw(bad)

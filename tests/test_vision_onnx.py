@@ -156,8 +156,9 @@ def _tensorrt_and_gpu() -> bool:
 def test_patch_profile_comes_from_the_processor_limits(tiny_checkpoint):
     assert build_trt_engine.ProcessorLimits().patch_profile() == (16, 5120, 5120)
     assert build_trt_engine.ProcessorLimits().patch_profile(max_images=3) == (16, 5120, 15360)
-    # The tiny checkpoint ships Qwen2-VL-2B-Instruct's preprocessor_config (max_pixels 28*28*16384).
-    assert build_trt_engine.ProcessorLimits.from_checkpoint(tiny_checkpoint).patch_profile() == (16, 65536, 65536)
+    # The tiny checkpoint ships Qwen2-VL-2B-Instruct's preprocessor_config (max_pixels 28*28*16384 = 65536
+    # patches), capped like the served default at MAX_PATCHES_PER_IMAGE for the ViT's N x N attention.
+    assert build_trt_engine.ProcessorLimits.from_checkpoint(tiny_checkpoint).patch_profile() == (16, 16384, 16384)
     with pytest.raises(ValueError, match="multiples of 4"):
         build_trt_engine.check_patch_profile((16, 100, 5122), merge_unit=4)
     with pytest.raises(ValueError, match="min <= opt <= max"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +28,13 @@ def prepare_cpu_repository(checkpoint: Path, workdir: Path, **options) -> Path:
 
 @dataclass
 class ProxyProcess:
-    """The OpenAI proxy as a child process."""
+    """The OpenAI proxy as a child process; `extra_args` go to `python -m openai_proxy` as they are."""
 
     triton_grpc_url: str
     port: int
     model_name: str
     log_path: Path | None = None
+    extra_args: Sequence[str] = ()
     process: subprocess.Popen | None = None
 
     @property
@@ -43,7 +45,7 @@ class ProxyProcess:
         log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
         self.process = subprocess.Popen(
             [sys.executable, "-m", "openai_proxy", "--triton-url", self.triton_grpc_url, "--host", "127.0.0.1",
-             "--port", str(self.port), "--served-model-name", self.model_name],
+             "--port", str(self.port), "--served-model-name", self.model_name, *self.extra_args],
             cwd=REPO_ROOT, env=triton_environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -57,11 +59,12 @@ class ProxyProcess:
             time.sleep(0.3)
         raise TimeoutError(f"proxy not healthy after {timeout_s:.0f}s; see {self.log_path}")
 
-    def stop(self) -> None:
+    def stop(self, timeout_s: float = 40.0) -> None:
+        """SIGTERM, then SIGKILL after `timeout_s` (the proxy lets requests in flight finish first)."""
         if self.process is not None and self.process.poll() is None:
             self.process.terminate()
             try:
-                self.process.wait(15)
+                self.process.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 self.process.kill()
 
@@ -74,9 +77,11 @@ class Stack:
     proxy: ProxyProcess
 
     @classmethod
-    def create(cls, repository: Path, workdir: Path, model_name: str, ports: TritonPorts, proxy_port: int) -> "Stack":
+    def create(cls, repository: Path, workdir: Path, model_name: str, ports: TritonPorts, proxy_port: int,
+               proxy_args: Sequence[str] = ()) -> "Stack":
         triton = TritonServer(repository, workdir / "tritonserver", ports, log_path=workdir / "tritonserver.log")
-        proxy = ProxyProcess(triton.grpc_url, proxy_port, model_name, log_path=workdir / "proxy.log")
+        proxy = ProxyProcess(triton.grpc_url, proxy_port, model_name, log_path=workdir / "proxy.log",
+                             extra_args=proxy_args)
         return cls(triton, proxy)
 
     def start(self) -> None:

@@ -18,7 +18,8 @@ import numpy as np
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from vlmserve.media import FRAME_FACTOR, MediaError
+from vlmserve.media import FPS_MAX_FRAMES, FRAME_FACTOR, MediaError
+from vlmserve.media_settings import MediaSettings, capped_max_pixels
 
 # qwen-vl-utils (QwenLM/Qwen2-VL, vision_process.py) video pixel limits.
 VIDEO_MIN_PIXELS = 128 * 28 * 28
@@ -67,6 +68,22 @@ class VisionPreprocessor:
             total_pixels=_first_set(video_total_pixels, configured.total_pixels),
         )
         return cls(processor, limits)
+
+    def with_video_limits(self, limits: VideoPixelLimits) -> VisionPreprocessor:
+        """The same image processor with other video pixel limits."""
+        return VisionPreprocessor(self._processor, limits)
+
+    def media_settings(self) -> MediaSettings:
+        """This checkpoint's limits as served: max_pixels capped for the ViT's N x N attention."""
+        size, video = self._processor.size, self._video_limits
+        return MediaSettings(
+            min_pixels=size.shortest_edge,
+            max_pixels=capped_max_pixels(size.longest_edge, self.patch_size),
+            video_min_pixels=video.min_pixels,
+            video_max_pixels=capped_max_pixels(video.max_pixels, self.patch_size),
+            video_total_pixels=video.total_pixels,
+            max_frames=FPS_MAX_FRAMES,
+        )
 
     @property
     def patch_size(self) -> int:

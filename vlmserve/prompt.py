@@ -73,3 +73,12 @@ class PromptBuilder:
         if next(kinds, None) is not None:
             raise InvalidRequest("more media inputs than image/video parts in the messages")
         return np.asarray(out, dtype=np.int64)
+
+    def raw(self, prompt: object) -> np.ndarray:
+        """Token ids of a plain-text prompt (OpenAI text completions): no chat template, no media."""
+        if not isinstance(prompt, str) or not prompt:
+            raise InvalidRequest("prompt must be a non-empty string")
+        ids = np.asarray(self.tokenizer(prompt)["input_ids"], dtype=np.int64)
+        if np.isin(ids, list(self.pad_ids.values())).any():
+            raise InvalidRequest("a text prompt cannot hold image or video pad tokens")
+        return ids

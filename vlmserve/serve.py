@@ -2,6 +2,7 @@
 
     python -m vlmserve.serve                       # builds and serves the small test checkpoint
     python -m vlmserve.serve --checkpoint /models/Qwen2-VL-2B-Instruct
+    python -m vlmserve.serve --api-key SECRET      # options it does not know go to `python -m openai_proxy`
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--served-model-name", default=None)
     parser.add_argument("--llm-threads", type=int, default=0,
                         help="torch threads for the LLM (default: torch's; 1 for the small checkpoint)")
-    args = parser.parse_args(argv)
+    # Everything not listed here goes to the proxy, e.g. --api-key, --allow-media-network 10.0.0.0/8.
+    args, proxy_args = parser.parse_known_args(argv)
 
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     llm_threads = args.llm_threads or (1 if args.checkpoint is None else 0)
     repository = prepare_cpu_repository(checkpoint, deploy_dir, llm_threads=llm_threads)
     stack = Stack.create(repository, deploy_dir, args.served_model_name or checkpoint.name,
-                         TritonPorts(args.http_port, args.grpc_port, args.metrics_port), args.port)
+                         TritonPorts(args.http_port, args.grpc_port, args.metrics_port), args.port, proxy_args)
     stack.start()
     print(f"Triton gRPC   127.0.0.1:{args.grpc_port}  (metrics http://127.0.0.1:{args.metrics_port}/metrics)")
     print(f"OpenAI API    {stack.proxy.base_url}  model={stack.proxy.model_name}")

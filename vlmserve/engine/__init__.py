@@ -1,4 +1,5 @@
-"""Continuous-batching engine for the Qwen2-VL language model (scheduler / model runner / sampler)."""
+"""Continuous-batching engine for the Qwen2-VL language model: scheduler with chunked prefill and
+preemption, paged KV cache with a prefix cache, model runner, sampler."""
 
 from vlmserve.engine.llm_engine import LLMEngine, StepOutput
 from vlmserve.engine.sampling import Sampler, SamplingParams

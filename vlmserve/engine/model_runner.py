@@ -1,8 +1,8 @@
 """One batched forward of the Qwen2-VL language model over the chunks of a step.
 
 All new tokens of all sequences are flattened into one [T, hidden] batch (varlen, as in
-nano-vllm): embeddings, norms, projections, MLP and rotary run once over the batch; only
-attention runs per sequence, against that sequence's KV cache. The math is HF's own modules
+nano-vllm): embeddings, norms, projections, MLP and rotary run once over the batch; attention
+reads each sequence's K/V from the paged pool (`attention.py`). The math is HF's own modules
 (`Qwen2VLDecoderLayer` parts, `Qwen2VLRotaryEmbedding`, `apply_rotary_pos_emb`) so the numerics
 follow `Qwen2VLForConditionalGeneration`.
 """
@@ -13,11 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import Qwen2VLForConditionalGeneration
-from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLAttention, apply_rotary_pos_emb, repeat_kv
+from transformers.models.qwen2_vl.modeling_qwen2_vl import Qwen2VLAttention, apply_rotary_pos_emb
 
-from vlmserve.engine.kv_cache import KVCache
+from vlmserve.engine.attention import AttentionMetadata, paged_attention
+from vlmserve.engine.kv_cache import KVCachePool
 from vlmserve.engine.scheduler import Chunk
 
 
@@ -36,15 +36,27 @@ class ModelRunner:
         self.norm = language_model.norm
         self.rotary_emb = language_model.rotary_emb
         self.lm_head = model.lm_head
+        self.kv_cache: KVCachePool | None = None  # allocate_kv_cache, once the budget is known
+
+    def kv_bytes_per_block(self, block_size: int) -> int:
         attn = self.layers[0].self_attn
-        self.kv_cache = KVCache(len(self.layers), attn.num_key_value_heads, attn.head_dim, dtype, device)
+        return KVCachePool.bytes_per_block(
+            len(self.layers), block_size, attn.num_key_value_heads, attn.head_dim, self.dtype
+        )
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
+        attn = self.layers[0].self_attn
+        self.kv_cache = KVCachePool(
+            len(self.layers), num_blocks, block_size, attn.num_key_value_heads, attn.head_dim,
+            self.dtype, self.device,
+        )
 
     @torch.inference_mode()
     def run(self, chunks: list[Chunk]) -> torch.Tensor:
-        """Logits [num sampling chunks, vocab] of the last token of each chunk with `samples`."""
-        for chunk in chunks:
-            self.kv_cache.reserve(chunk.seq.seq_id, chunk.end)
+        """Logits [num sampling chunks, vocab] of the last token of each chunk with `samples`.
+        The blocks of every chunk's tokens must already be in its sequence's block table."""
         bounds = np.cumsum([0] + [chunk.num_tokens for chunk in chunks]).tolist()
+        meta = AttentionMetadata.build(chunks, bounds, self.kv_cache.block_size, self.device)
         hidden = self._embed(chunks, bounds)
         positions = np.concatenate([chunk.seq.positions(chunk.start, chunk.end) for chunk in chunks], axis=1)
         # HF's M-RoPE: per-axis angles recomposed along mrope_section -> cos/sin [1, T, head_dim].
@@ -52,13 +64,10 @@ class ModelRunner:
         cos, sin = cos[0], sin[0]
         for index, layer in enumerate(self.layers):
             attn_in = layer.input_layernorm(hidden)
-            hidden = hidden + self._attention(layer.self_attn, index, attn_in, cos, sin, chunks, bounds)
+            hidden = hidden + self._attention(layer.self_attn, index, attn_in, cos, sin, meta)
             hidden = hidden + layer.mlp(layer.post_attention_layernorm(hidden))
         last = [bounds[i + 1] - 1 for i, chunk in enumerate(chunks) if chunk.samples]
         return self.lm_head(self.norm(hidden[last]))
-
-    def free(self, seq_id: int) -> None:
-        self.kv_cache.free(seq_id)
 
     def _embed(self, chunks: list[Chunk], bounds: list[int]) -> torch.Tensor:
         """Token embeddings [T, hidden] with image/video pad rows replaced by the media embeddings."""
@@ -82,8 +91,7 @@ class ModelRunner:
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        chunks: list[Chunk],
-        bounds: list[int],
+        meta: AttentionMetadata,
     ) -> torch.Tensor:
         num_tokens, head_dim = x.shape[0], attn.head_dim
         q = attn.q_proj(x).view(num_tokens, -1, head_dim)
@@ -91,24 +99,6 @@ class ModelRunner:
         v = attn.v_proj(x).view(num_tokens, -1, head_dim)
         # [T, heads, head_dim] with cos/sin [T, head_dim]: broadcast over heads at dim 1.
         q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)
-        out = torch.empty_like(q)
-        for chunk, lo, hi in zip(chunks, bounds, bounds[1:]):
-            keys, values = self.kv_cache.write(
-                chunk.seq.seq_id, layer, chunk.start, k[lo:hi].transpose(0, 1), v[lo:hi].transpose(0, 1)
-            )
-            out[lo:hi] = _causal_attention(q[lo:hi].transpose(0, 1), keys, values, attn).transpose(0, 1)
+        self.kv_cache.write(layer, meta.slots, k, v)
+        out = paged_attention(q, self.kv_cache, layer, meta, attn.scaling)
         return attn.o_proj(out.reshape(num_tokens, -1))
-
-
-def _causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn: Qwen2VLAttention) -> torch.Tensor:
-    """q [heads, n, d] are the last n of the ctx tokens in k/v [kv_heads, ctx, d]."""
-    n, ctx = q.shape[1], k.shape[1]
-    k = repeat_kv(k[None], attn.num_key_value_groups)
-    v = repeat_kv(v[None], attn.num_key_value_groups)
-    # A decode token sees everything; a whole prompt is plain causal (what HF runs); a later
-    # prefill chunk is causal shifted by the ctx - n tokens already cached.
-    mask = None
-    if 1 < n < ctx:
-        mask = torch.arange(n, device=q.device)[:, None] + (ctx - n) >= torch.arange(ctx, device=q.device)
-    is_causal = n > 1 and n == ctx
-    return F.scaled_dot_product_attention(q[None], k, v, attn_mask=mask, is_causal=is_causal, scale=attn.scaling)[0]

@@ -23,16 +23,18 @@ def _is_number(value: object) -> bool:
 class SamplingParams:
     """How one request picks its tokens (OpenAI / vLLM semantics).
 
-    temperature 0 is greedy (exact argmax); top_k 0 and top_p 1 turn those filters off;
-    seed None draws from a random seed. Penalties: repetition as in HF (divides positive /
-    multiplies negative logits of every token seen in prompt or output), frequency and presence
-    as in OpenAI (subtract count * frequency + presence from logits of generated tokens).
+    temperature 0 is greedy (exact argmax); top_k 0, top_p 1 and min_p 0 turn those filters off
+    (min_p drops tokens less likely than min_p times the most likely one); seed None draws from
+    a random seed. Penalties: repetition as in HF (divides positive / multiplies negative
+    logits of every token seen in prompt or output), frequency and presence as in OpenAI
+    (subtract count * frequency + presence from logits of generated tokens).
     """
 
     max_tokens: int = 16
     temperature: float = 1.0
     top_p: float = 1.0
     top_k: int = 0
+    min_p: float = 0.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
     frequency_penalty: float = 0.0
@@ -48,6 +50,8 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
         if not _is_int(self.top_k) or self.top_k < 0:
             raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not _is_number(self.min_p) or not 0 <= self.min_p <= 1:
+            raise ValueError(f"min_p must be in [0, 1], got {self.min_p!r}")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**63):
             raise ValueError(f"seed must be null or an integer in [0, 2**63), got {self.seed!r}")
         stop = tuple(self.stop_token_ids)
@@ -102,13 +106,15 @@ class Sampler:
         temperature = torch.tensor([s.sampling.temperature for s in seqs], device=device)
         top_k = torch.tensor([s.sampling.top_k or vocab for s in seqs], device=device)
         top_p = torch.tensor([s.sampling.top_p for s in seqs], device=device)
+        min_p = torch.tensor([s.sampling.min_p for s in seqs], device=device)
 
         sorted_logits, order = (logits / temperature[:, None]).sort(dim=-1, descending=True)
         sorted_logits.masked_fill_(torch.arange(vocab, device=device) >= top_k[:, None], float("-inf"))
         probs = sorted_logits.softmax(dim=-1)
-        # Drop a token when the tokens ranked above it already hold top_p of the mass; the
-        # first token always stays.
-        sorted_logits.masked_fill_(probs.cumsum(dim=-1) - probs > top_p[:, None], float("-inf"))
+        # Drop a token when the tokens ranked above it already hold top_p of the mass, or when it
+        # is below min_p of the top probability; the first token always stays.
+        drop = (probs.cumsum(dim=-1) - probs > top_p[:, None]) | (probs < min_p[:, None] * probs[:, :1])
+        sorted_logits.masked_fill_(drop, float("-inf"))
         cdf = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
 
         # One uniform per row from the row's own CPU generator: a request's draws depend only on

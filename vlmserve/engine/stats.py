@@ -14,10 +14,20 @@ class EngineStats:
     batch_size_histogram: dict[int, int] = field(default_factory=dict)  # batch size -> steps
     last_batch_size: int = 0
     last_num_tokens: int = 0
+    # As of the end of the last step:
+    num_running: int = 0
+    num_waiting: int = 0  # new and preempted requests
+    preemptions: int = 0
+    prefix_cache_hit_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prefix_cache_query_tokens: int = 0  # prompt tokens of admitted sequences
 
     @property
     def mean_batch_size(self) -> float:
         return self.batched_sequences / self.steps if self.steps else 0.0
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hit_tokens / self.prefix_cache_query_tokens if self.prefix_cache_query_tokens else 0.0
 
     def record_step(self, batch_size: int, num_tokens: int) -> None:
         self.steps += 1

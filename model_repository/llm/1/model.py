@@ -25,7 +25,7 @@ IDLE_WAIT_S = 0.05
 class EngineMetrics:
     """Engine counters published as Triton custom metrics (served on Triton's /metrics)."""
 
-    def __init__(self):
+    def __init__(self, kv_blocks_total: int):
         self.families = []  # a Metric is only valid while its MetricFamily lives
 
         def family(name, kind, description):
@@ -38,12 +38,35 @@ class EngineMetrics:
         self.tokens = family("vlm_llm_scheduled_tokens_total", counter, "Tokens run through the model")
         self.max_batch = family("vlm_llm_max_batch_size", gauge, "Largest number of sequences in one step")
         self.active = family("vlm_llm_active_requests", gauge, "Requests the engine holds")
+        self.running = family("vlm_llm_running_requests", gauge, "Requests prefilling or decoding")
+        self.waiting = family("vlm_llm_waiting_requests", gauge, "Requests waiting for a batch slot or KV blocks")
+        self.step_tokens = family("vlm_llm_tokens_per_step", gauge, "Tokens run through the model in the last step")
+        self.blocks_used = family("vlm_llm_kv_blocks_used", gauge, "KV cache blocks held by requests")
+        self.blocks_total = family("vlm_llm_kv_blocks_total", gauge, "KV cache blocks in the pool")
+        self.blocks_total.set(kv_blocks_total)
+        self.prefix_hits = family("vlm_llm_prefix_cache_hit_tokens_total", counter,
+                                  "Prompt tokens whose KV came from the prefix cache")
+        self.prefix_queries = family("vlm_llm_prefix_cache_query_tokens_total", counter,
+                                     "Prompt tokens looked up in the prefix cache (hit rate: hits / queries)")
+        self.preemptions = family("vlm_llm_preemptions_total", counter, "Requests preempted for lack of KV blocks")
+        # EngineStats field -> counter; the stats keep running totals, a counter takes the increase.
+        self._counters = {"steps": self.steps, "batched_sequences": self.batched, "scheduled_tokens": self.tokens,
+                          "prefix_cache_hit_tokens": self.prefix_hits,
+                          "prefix_cache_query_tokens": self.prefix_queries, "preemptions": self.preemptions}
+        self._exported = dict.fromkeys(self._counters, 0)
 
-    def publish(self, batch_size: int, tokens: int, max_batch: int) -> None:
-        self.steps.increment(1)
-        self.batched.increment(batch_size)
-        self.tokens.increment(tokens)
-        self.max_batch.set(max_batch)
+    def publish(self, engine: LLMEngine) -> None:
+        stats = engine.stats
+        for name, metric in self._counters.items():
+            total = getattr(stats, name)
+            if total > self._exported[name]:
+                metric.increment(total - self._exported[name])
+                self._exported[name] = total
+        self.max_batch.set(stats.max_batch_size)
+        self.running.set(stats.num_running)
+        self.waiting.set(stats.num_waiting)
+        self.step_tokens.set(stats.last_num_tokens)
+        self.blocks_used.set(engine.kv_blocks_used())
 
 
 class TritonPythonModel:
@@ -58,10 +81,15 @@ class TritonPythonModel:
             dtype=getattr(torch, params.get("dtype", "float32")),
             max_num_seqs=int(params.get("max_num_seqs", "64")),
             max_num_batched_tokens=int(params.get("max_num_batched_tokens", "2048")),
+            block_size=int(params.get("kv_block_size", "16")),
+            kv_cache_bytes=int(params["kv_cache_bytes"]) if "kv_cache_bytes" in params else None,
+            kv_cache_memory_fraction=(float(params["kv_cache_memory_fraction"])
+                                      if "kv_cache_memory_fraction" in params else None),
+            enable_prefix_caching=params.get("enable_prefix_caching", "true").lower() == "true",
         )
         eos = GenerationConfig.from_pretrained(checkpoint).eos_token_id
         self.eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.metrics = EngineMetrics()
+        self.metrics = EngineMetrics(self.engine.kv_blocks_total())
         self.incoming: queue.Queue = queue.Queue()
         self.senders: dict[str, object] = {}
         self.running = True
@@ -110,8 +138,7 @@ class TritonPythonModel:
             except Exception as exc:  # fail what is running, keep serving
                 self._fail_all(exc)
                 continue
-            stats = self.engine.stats
-            self.metrics.publish(stats.last_batch_size, stats.last_num_tokens, stats.max_batch_size)
+            self.metrics.publish(self.engine)
             for out in outputs:
                 self._send(out)
 

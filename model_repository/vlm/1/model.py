@@ -16,6 +16,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from vlmserve.errors import INVALID_REQUEST_PREFIX, InvalidRequest
+from vlmserve.media_encoder import MediaEncoder
 from vlmserve.mrope import mrope_positions
 from vlmserve.prompt import PromptBuilder, media_parts, validate_messages
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
@@ -58,6 +59,7 @@ class TritonPythonModel:
         text_config = getattr(self.config, "text_config", self.config)
         self.max_model_len = int(params.get("max_model_len", text_config.max_position_embeddings))
         self.max_media = int(params.get("max_media_per_request", "16"))
+        self.media = MediaEncoder.from_parameters(params, checkpoint)
         # Decoupled BLS streams are read with blocking next(); these threads keep the event loop free.
         self.stream_readers = ThreadPoolExecutor(max_workers=int(params.get("max_concurrent_streams", "256")))
 
@@ -80,19 +82,17 @@ class TritonPythonModel:
             body = json.loads(required_input(request, "REQUEST").reshape(-1)[0])
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"REQUEST is not valid JSON: {exc}") from exc
-        messages = validate_messages(body.get("messages"))
+        if not isinstance(body, dict):
+            raise InvalidRequest("REQUEST must be a JSON object")
         sampling = dict(body.get("sampling") or {})
         media = optional_input(request, "MEDIA")
         media = [] if media is None else list(media.reshape(-1))
-        parts = media_parts(messages)
-        if len(parts) != len(media):
-            raise InvalidRequest(f"{len(parts)} image/video parts but {len(media)} media inputs")
-        if len(media) > self.max_media:
-            raise InvalidRequest(f"at most {self.max_media} images/videos per request, got {len(media)}")
-
-        encoded = await asyncio.gather(*(self._encode(part, data) for part, data in zip(parts, media)))
-        grids = [(part["type"], grid) for part, (grid, _) in zip(parts, encoded)]
-        input_ids = self.prompts.build(messages, grids)
+        if "prompt" in body:  # a plain-text prompt (text completions) instead of chat messages
+            if media or "messages" in body:
+                raise InvalidRequest("a request with a prompt takes neither messages nor media")
+            input_ids, grids, encoded = self.prompts.raw(body["prompt"]), [], []
+        else:
+            input_ids, grids, encoded = await self._chat_prompt(body.get("messages"), media)
         max_tokens = int(sampling.get("max_tokens") or DEFAULT_MAX_TOKENS)
         if len(input_ids) + max_tokens > self.max_model_len:
             raise InvalidRequest(f"prompt ({len(input_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
@@ -108,24 +108,21 @@ class TritonPythonModel:
         await self._stream(sender, input_ids, position_ids, rope_delta, embeds, llm_sampling,
                            stop=sampling.get("stop") or [])
 
-    async def _encode(self, part: dict, data: bytes) -> tuple[np.ndarray, np.ndarray]:
-        """preprocess -> vit for one image or video; returns (grid_thw, embeddings)."""
-        inputs = [pb_utils.Tensor("MEDIA", np.asarray([data], dtype=np.object_)),
-                  pb_utils.Tensor("KIND", np.asarray([part["type"]], dtype=np.object_))]
-        if part["type"] == "video" and part.get("fps") is not None:
-            inputs.append(_tensor("FPS", float(part["fps"]), np.float32))
-        pre = await pb_utils.InferenceRequest(
-            model_name="preprocess", inputs=inputs,
-            requested_output_names=["PIXEL_VALUES", "POSITION_IDS", "SEGMENT_IDS", "GRID_THW"]).async_exec()
-        _raise_if_error(pre)
-        vit_inputs = [pb_utils.Tensor(name.lower(), pb_utils.get_output_tensor_by_name(pre, name).as_numpy())
-                      for name in ("PIXEL_VALUES", "POSITION_IDS", "SEGMENT_IDS")]
-        vit = await pb_utils.InferenceRequest(model_name="vit", inputs=vit_inputs,
-                                              requested_output_names=["image_embeds"]).async_exec()
-        _raise_if_error(vit)
-        grid = pb_utils.get_output_tensor_by_name(pre, "GRID_THW").as_numpy().reshape(3)
-        embeds = pb_utils.get_output_tensor_by_name(vit, "image_embeds").as_numpy()
-        return grid, embeds.astype(np.float32, copy=False)
+    async def _chat_prompt(self, messages, media: list) -> tuple[np.ndarray, list, list]:
+        """Prompt ids of chat messages, with (kind, grid) and (grid, embeddings) of each medium."""
+        messages = validate_messages(messages)
+        parts = media_parts(messages)
+        if len(parts) != len(media):
+            raise InvalidRequest(f"{len(parts)} image/video parts but {len(media)} media inputs")
+        if len(media) > self.max_media:
+            raise InvalidRequest(f"at most {self.max_media} images/videos per request, got {len(media)}")
+        encoded = await self._encode(parts, media)
+        grids = [(part["type"], grid) for part, (grid, _) in zip(parts, encoded)]
+        return self.prompts.build(messages, grids), grids, encoded
+
+    async def _encode(self, parts: list[dict], media: list) -> list[tuple[np.ndarray, np.ndarray]]:
+        """(grid_thw, embeddings) of each medium: deduplicated, cached and batched by vlmserve.media_encoder."""
+        return [(e.grid_thw, e.embeds) for e in await self.media.encode(parts, media)]
 
     async def _stream(self, sender, input_ids, position_ids, rope_delta, embeds, sampling, stop) -> None:
         request_id = uuid.uuid4().hex

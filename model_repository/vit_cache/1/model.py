@@ -1,0 +1,78 @@
+"""Triton `vit_cache`: the server's one ViT embedding cache.
+
+Why a model of its own: `vlm` may run several instances, each its own stub process, so a cache
+inside `vlm` would exist once per process and miss what the other instances encoded. This model
+has exactly one instance (the generator writes `count: 1`), so every `vlm` instance reaches the
+same entries through BLS calls; execute runs one request at a time, so the cache needs no lock.
+
+KEY alone is a lookup: FOUND, and EMBEDS / GRID_THW when found (empty otherwise).
+KEY with EMBEDS and GRID_THW is a store: FOUND says whether it was kept (False: larger than the budget).
+Counters are Triton custom metrics on /metrics (vlm_vit_cache_*).
+"""
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
+from vlmserve.vit_cache import CacheStats, EmbeddingCache
+
+
+class CacheMetrics:
+    """CacheStats published as Triton metrics."""
+
+    def __init__(self):
+        self.families = []  # a Metric only works while its MetricFamily object is alive
+        self.published = CacheStats()
+
+        def metric(name, kind, description):
+            self.families.append(pb_utils.MetricFamily(name=name, description=description, kind=kind))
+            return self.families[-1].Metric(labels={})
+
+        counter, gauge = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.GAUGE
+        self.counters = {
+            "hits": metric("vlm_vit_cache_hits_total", counter, "Lookups answered from the cache"),
+            "misses": metric("vlm_vit_cache_misses_total", counter, "Lookups that had to run the ViT"),
+            "evictions": metric("vlm_vit_cache_evictions_total", counter, "Entries dropped to stay within budget"),
+        }
+        self.gauges = {
+            "bytes": metric("vlm_vit_cache_bytes", gauge, "Bytes of embeddings held"),
+            "entries": metric("vlm_vit_cache_entries", gauge, "Media held"),
+        }
+
+    def publish(self, stats: CacheStats) -> None:
+        for name, metric in self.counters.items():  # counters only go up: add what changed
+            metric.increment(getattr(stats, name) - getattr(self.published, name))
+        for name, metric in self.gauges.items():
+            metric.set(getattr(stats, name))
+        self.published = CacheStats(**vars(stats))
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        params = model_parameters(args)
+        self.cache = EmbeddingCache(int(params["max_bytes"]))
+        self.metrics = CacheMetrics()
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                responses.append(pb_utils.InferenceResponse(self._run(request)))
+            except Exception as exc:
+                responses.append(pb_utils.InferenceResponse(error=triton_error(exc)))
+        self.metrics.publish(self.cache.stats)
+        return responses
+
+    def _run(self, request) -> list:
+        key = required_input(request, "KEY").reshape(-1)[0].decode()
+        embeds = optional_input(request, "EMBEDS")
+        if embeds is not None:
+            stored = self.cache.put(key, embeds, required_input(request, "GRID_THW"))
+            return [pb_utils.Tensor("FOUND", np.asarray([stored]))]
+        entry = self.cache.get(key)
+        if entry is None:
+            return [pb_utils.Tensor("FOUND", np.asarray([False])),
+                    pb_utils.Tensor("EMBEDS", np.zeros((0, 0), np.float32)),
+                    pb_utils.Tensor("GRID_THW", np.zeros(3, np.int64))]
+        return [pb_utils.Tensor("FOUND", np.asarray([True])), pb_utils.Tensor("EMBEDS", entry.embeds),
+                pb_utils.Tensor("GRID_THW", entry.grid_thw)]

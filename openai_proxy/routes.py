@@ -1,0 +1,91 @@
+"""The OpenAI endpoints: chat and text completions, the model list; plus health and metrics."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
+
+from client.triton_vlm import TritonVLMClient
+from openai_proxy.chat_schemas import ChatCompletionRequest
+from openai_proxy.completion_schemas import DEFAULT_MAX_TOKENS, CompletionRequest
+from openai_proxy.errors import APIError
+from openai_proxy.generation import run_generation
+from openai_proxy.media_fetch import MediaFetcher
+from openai_proxy.messages import sampling_params, to_hf_messages
+from openai_proxy.responses import ChatFormat, TextFormat
+from openai_proxy.schemas import ModelCard, ModelList
+from openai_proxy.settings import Settings
+
+CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
+GENERATION_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
+ROUTES = (*GENERATION_PATHS, "/v1/models", "/health", "/metrics")
+
+router = APIRouter()
+
+
+def triton_client(request: Request) -> TritonVLMClient:
+    return request.app.state.triton
+
+
+def media_fetcher(request: Request) -> MediaFetcher:
+    return request.app.state.media
+
+
+def settings_of(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+def _check_model(model: str, settings: Settings) -> None:
+    if model != settings.served_model_name:
+        raise APIError(404, f"The model `{model}` does not exist; this server serves "
+                            f"`{settings.served_model_name}`.", param="model", code="model_not_found")
+
+
+@router.post(CHAT_PATH, response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request,
+                           triton: TritonVLMClient = Depends(triton_client),
+                           media: MediaFetcher = Depends(media_fetcher),
+                           settings: Settings = Depends(settings_of)) -> Response:
+    _check_model(body.model, settings)
+    messages, urls = to_hf_messages(body.messages, settings.default_video_fps)
+    if len(urls) > settings.max_media_per_request:
+        raise APIError(400, f"at most {settings.max_media_per_request} images and videos per request, "
+                            f"got {len(urls)}", param="messages")
+    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    sampling = sampling_params(body, max_tokens)
+    fmt = ChatFormat(settings.served_model_name)
+
+    async def start():
+        return triton.generate(messages, await media.fetch_all(urls), sampling, request_id=fmt.id)
+
+    return await run_generation(request, start, fmt, bool(body.stream), body.include_usage)
+
+
+@router.post(COMPLETIONS_PATH, response_model=None)
+async def completions(body: CompletionRequest, request: Request,
+                      triton: TritonVLMClient = Depends(triton_client),
+                      settings: Settings = Depends(settings_of)) -> Response:
+    _check_model(body.model, settings)
+    sampling = sampling_params(body, body.max_tokens or DEFAULT_MAX_TOKENS)
+    fmt = TextFormat(settings.served_model_name)
+
+    async def start():
+        return triton.generate_text(body.prompt, sampling, request_id=fmt.id)
+
+    return await run_generation(request, start, fmt, bool(body.stream), body.include_usage)
+
+
+@router.get("/v1/models")
+async def models(request: Request, settings: Settings = Depends(settings_of)) -> ModelList:
+    return ModelList(data=[ModelCard(id=settings.served_model_name, created=request.app.state.started)])
+
+
+@router.get("/health")
+async def health(triton: TritonVLMClient = Depends(triton_client)) -> JSONResponse:
+    ready = await triton.is_ready()
+    return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return request.app.state.metrics.response()

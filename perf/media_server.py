@@ -1,0 +1,35 @@
+"""A local HTTP server for benchmark images, so both servers fetch media by URL as real clients make them do."""
+
+from __future__ import annotations
+
+import functools
+import http.server
+import threading
+from pathlib import Path
+from urllib.parse import quote
+
+
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    def log_message(self, *args) -> None:
+        pass
+
+
+class MediaServer:
+    """Serves `root` on 127.0.0.1 (a free port) from a daemon thread while the context is open."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root.resolve()
+        handler = functools.partial(_QuietHandler, directory=str(self.root))
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    def url(self, relative_path: str) -> str:
+        return f"http://127.0.0.1:{self._httpd.server_port}/{quote(relative_path)}"
+
+    def __enter__(self) -> MediaServer:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()

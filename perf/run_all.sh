@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Ours against `transformers serve` on the tiny checkpoint: three workloads plus the reference benchmark,
+# table and plots in build/perf/. Arguments go to `python -m perf.run_all` (see its --help).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+.venv/bin/python -c "import matplotlib" 2>/dev/null || .venv/bin/python -m pip install --quiet -e '.[bench]'
+exec .venv/bin/python -m perf.run_all "$@"

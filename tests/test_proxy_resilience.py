@@ -1,0 +1,96 @@
+"""Clients that leave and servers that stop, on the real stack: engine resources must come back."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import time
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.test_end_to_end import _metric
+from vlmserve.deployment import ProxyProcess
+
+MODEL = "tiny-qwen2-vl"
+LONG = {"model": MODEL, "max_tokens": 3000, "temperature": 0,
+        "messages": [{"role": "user", "content": "Write a very long story."}]}
+
+
+def wait_until_idle(stack, timeout_s: float = 20) -> float:
+    """Seconds until the llm model has no request left (the metric is refreshed every engine step)."""
+    started = time.monotonic()
+    while _metric(stack, "vlm_llm_active_requests") != 0:
+        assert time.monotonic() - started < timeout_s, "engine requests were not freed"
+        time.sleep(0.1)
+    return time.monotonic() - started
+
+
+async def open_stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[httpx.Response, list[str]]:
+    """A started SSE stream and the payloads read so far (at least the first content chunk)."""
+    response = await client.send(client.build_request("POST", url, json=body), stream=True)
+    assert response.status_code == 200
+    lines = response.aiter_lines()
+    payloads = []
+    while len(payloads) < 2:  # the role chunk, then the first text
+        line = await anext(lines)
+        if line.startswith("data: "):
+            payloads.append(line.removeprefix("data: "))
+    response.lines = lines  # the rest, for whoever reads on
+    return response, payloads
+
+
+def test_twenty_streams_closed_mid_generation_free_the_engine(stack):
+    steps_before = _metric(stack, "vlm_llm_steps_total")
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            url = stack.proxy.base_url + "/chat/completions"
+            streams = await asyncio.gather(*(open_stream(client, url, {**LONG, "stream": True}) for _ in range(20)))
+            assert _metric(stack, "vlm_llm_active_requests") > 0
+            for response, _ in streams:
+                await response.aclose()
+            # Non-streamed requests whose client gives up before the answer: the same must happen.
+            quick = httpx.Timeout(60, read=1.0)
+            results = await asyncio.gather(*(client.post(url, json=LONG, timeout=quick) for _ in range(5)),
+                                           return_exceptions=True)
+            assert all(isinstance(r, httpx.ReadTimeout) for r in results)
+
+    asyncio.run(run())
+    wait_until_idle(stack)
+    # 25 requests of 3000 tokens each were asked for; cancelled ones stopped within a few steps.
+    assert _metric(stack, "vlm_llm_steps_total") - steps_before < 2000
+    ok = httpx.post(stack.proxy.base_url + "/chat/completions", timeout=60, json={**LONG, "max_tokens": 4})
+    assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] > 0
+
+
+@pytest.fixture
+def draining_proxy(stack, tmp_path):
+    proxy = ProxyProcess(stack.triton.grpc_url, free_port(), MODEL, log_path=tmp_path / "proxy.log",
+                         extra_args=["--shutdown-grace-s", "1.5"])
+    proxy.start()
+    yield proxy
+    proxy.stop()
+
+
+def test_sigterm_lets_short_streams_finish_and_ends_long_ones_with_an_error_event(stack, draining_proxy):
+    async def read_rest(response: httpx.Response) -> list[str]:
+        return [line.removeprefix("data: ") async for line in response.lines if line.startswith("data: ")]
+
+    async def run() -> tuple[list[str], list[str]]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            url = draining_proxy.base_url + "/chat/completions"
+            (long, _), (short, _) = await asyncio.gather(
+                open_stream(client, url, {**LONG, "stream": True}),
+                open_stream(client, url, {**LONG, "stream": True, "max_tokens": 40}))
+            draining_proxy.process.send_signal(signal.SIGTERM)
+            return await asyncio.gather(read_rest(long), read_rest(short))
+
+    long_rest, short_rest = asyncio.run(run())
+    assert short_rest[-1] == "[DONE]"
+    assert json.loads(long_rest[-1])["error"]["code"] == "server_shutting_down" and "[DONE]" not in long_rest
+    # uvicorn re-raises the signal it caught once it has shut down: dying of SIGTERM is the normal end.
+    assert draining_proxy.process.wait(15) == -signal.SIGTERM
+    wait_until_idle(stack)

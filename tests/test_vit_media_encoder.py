@@ -1,0 +1,164 @@
+"""The `vlm` model's media path (vlmserve.media_encoder) against in-process stand-ins for its BLS calls.
+
+`preprocess`, `vit` and `vit_cache` are replaced by the code they run (decode + processor, the
+exported ONNX tower, EmbeddingCache), so dedupe, joining, the cache switch and error paths are
+checked call by call, in milliseconds. The served versions: test_vit_service.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+import types
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export.vision_onnx import export_vision_onnx
+from tests.test_end_to_end import png_bytes
+from vlmserve.errors import InvalidRequest
+from vlmserve.media import decode_image
+from vlmserve.preprocessing import VisionPreprocessor
+from vlmserve.vision_encoder import OnnxVisionEncoder
+from vlmserve.vit_cache import EmbeddingCache
+
+IMAGE = {"type": "image"}
+
+
+class FakeModels:
+    """What the three models compute, keyed by model name, with a count of calls."""
+
+    def __init__(self, checkpoint: Path, onnx_path: Path) -> None:
+        self.preprocessor = VisionPreprocessor.from_pretrained(checkpoint)
+        self.settings = self.preprocessor.media_settings()
+        self.encoder = OnnxVisionEncoder(onnx_path, 1)
+        self.cache = EmbeddingCache(2**20)
+        self.calls: Counter[str] = Counter()
+
+    def __call__(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.calls[model] += 1
+        if model == "preprocess":
+            image = decode_image(inputs["MEDIA"][0])
+            pixels, grid = self.preprocessor.image(image, self.settings.min_pixels, self.settings.max_pixels)
+            return {"PIXEL_VALUES": pixels, "GRID_THW": grid}
+        if model == "vit":
+            return {"image_embeds": self.encoder.run(inputs)}
+        key = inputs["KEY"][0].decode()
+        if "EMBEDS" in inputs:
+            return {"FOUND": np.asarray([self.cache.put(key, inputs["EMBEDS"], inputs["GRID_THW"])])}
+        entry = self.cache.get(key)
+        if entry is None:
+            return {"FOUND": np.asarray([False]), "EMBEDS": np.zeros((0, 0), np.float32),
+                    "GRID_THW": np.zeros(3, np.int64)}
+        return {"FOUND": np.asarray([True]), "EMBEDS": entry.embeds, "GRID_THW": entry.grid_thw}
+
+
+def fake_pb_utils(models: FakeModels) -> types.ModuleType:
+    """Just the part of triton_python_backend_utils that media_encoder uses."""
+    pb = types.ModuleType("triton_python_backend_utils")
+
+    class Tensor:
+        def __init__(self, name: str, value: np.ndarray) -> None:
+            self.name, self.value = name, value
+
+        def as_numpy(self) -> np.ndarray:
+            return self.value
+
+    class Response:
+        def __init__(self, outputs: dict | None = None, error: str | None = None) -> None:
+            self.outputs, self.message = outputs or {}, error
+
+        def has_error(self) -> bool:
+            return self.message is not None
+
+        def error(self):
+            return types.SimpleNamespace(message=lambda: self.message)
+
+    class InferenceRequest:
+        def __init__(self, model_name: str, inputs: list, requested_output_names: list[str]) -> None:
+            self.model, self.inputs = model_name, {t.name: t.value for t in inputs}
+
+        async def async_exec(self) -> Response:
+            await asyncio.sleep(0.01)  # a real round trip: lets concurrent requests overlap
+            try:
+                outputs = models(self.model, self.inputs)
+            except InvalidRequest as exc:
+                return Response(error=exc.triton_message())
+            return Response({name: Tensor(name, value) for name, value in outputs.items()})
+
+    pb.Tensor, pb.InferenceRequest = Tensor, InferenceRequest
+    pb.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)
+    return pb
+
+
+@pytest.fixture(scope="module")
+def onnx_path(tiny_checkpoint, tmp_path_factory) -> Path:
+    return export_vision_onnx(tiny_checkpoint, tmp_path_factory.mktemp("vit") / "vit.onnx")
+
+
+@pytest.fixture
+def models(tiny_checkpoint, onnx_path) -> FakeModels:
+    return FakeModels(tiny_checkpoint, onnx_path)
+
+
+@pytest.fixture
+def make_encoder(models, monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils(models))
+    monkeypatch.delitem(sys.modules, "vlmserve.media_encoder", raising=False)
+    module = importlib.import_module("vlmserve.media_encoder")
+    monkeypatch.delitem(sys.modules, "vlmserve.media_encoder")  # not the real module for other tests
+
+    def make(use_cache: bool):
+        return module.MediaEncoder(models.settings, models.preprocessor.merge_size, 4096, use_cache)
+
+    return make
+
+
+def test_duplicates_in_a_request_are_encoded_once_in_one_vit_call(make_encoder, models):
+    a, b = png_bytes(84, 56, seed=1), png_bytes(56, 112, seed=2)
+    encoded = asyncio.run(make_encoder(True).encode([IMAGE] * 3, [a, b, a]))
+    assert models.calls == {"vit_cache": 4, "preprocess": 2, "vit": 1}  # 2 lookups, 2 stores
+    assert np.array_equal(encoded[0].embeds, encoded[2].embeds)
+    assert [e.grid_thw.tolist() for e in encoded] == [[1, 4, 6], [1, 8, 4], [1, 4, 6]]
+
+
+def test_cache_on_and_off_give_the_same_embeddings(make_encoder, models):
+    media = [png_bytes(84, 56, seed=3), png_bytes(140, 98, seed=4)]
+    on, off = make_encoder(True), make_encoder(False)
+    first = asyncio.run(on.encode([IMAGE] * 2, media))
+    models.calls.clear()
+    again = asyncio.run(on.encode([IMAGE] * 2, media))
+    assert models.calls == {"vit_cache": 2}  # two hits, nothing decoded or encoded
+    uncached = asyncio.run(off.encode([IMAGE] * 2, media))
+    assert models.calls == {"vit_cache": 2, "preprocess": 2, "vit": 1}
+    for x, y, z in zip(first, again, uncached):
+        np.testing.assert_array_equal(x.embeds, y.embeds)
+        np.testing.assert_array_equal(x.embeds, z.embeds)
+
+
+def test_concurrent_requests_join_one_encoding(make_encoder, models):
+    encoder, image = make_encoder(False), png_bytes(112, 112, seed=5)
+
+    async def both():
+        return await asyncio.gather(encoder.encode([IMAGE], [image]), encoder.encode([IMAGE], [image]))
+
+    first, second = asyncio.run(both())
+    assert models.calls == {"preprocess": 1, "vit": 1}
+    np.testing.assert_array_equal(first[0].embeds, second[0].embeds)
+
+
+def test_bad_media_fail_every_request_that_waits_for_them(make_encoder, models):
+    encoder = make_encoder(True)
+
+    async def both():
+        return await asyncio.gather(encoder.encode([IMAGE], [b"not an image"]),
+                                    encoder.encode([IMAGE], [b"not an image"]), return_exceptions=True)
+
+    errors = asyncio.run(both())
+    assert all(isinstance(e, InvalidRequest) and "not an image" in str(e) for e in errors)
+    assert models.calls["preprocess"] == 1 and not encoder._running
+    with pytest.raises(InvalidRequest, match="fps"):
+        asyncio.run(encoder.encode([{"type": "video", "fps": 0}], [b"video"]))

@@ -1,0 +1,71 @@
+"""Packing the media of one request into as few ViT calls as a patch budget allows, and unpacking.
+
+Why the `vlm` model batches instead of Triton: the ViT's patch dimension is ragged and each call's
+``segment_ids`` number attention segments from 0, so Triton's dynamic batcher (which concatenates
+requests along a batch dimension, max_batch_size > 0) would merge segments of different requests.
+Here the segments are renumbered per call instead. Every temporal frame of every medium is its own
+attention segment, so a call may hold any run of whole frames: a long video is split over several
+calls and small images share one, with results identical to encoding each medium alone. The
+budget bounds a call's N x N attention; calls run concurrently on however many `vit` instances.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from vlmserve.vision_inputs import vision_position_ids
+
+# The masked attention costs (patches in the call)^2 however the segments split them, so packing k
+# media multiplies their attention work by about k. In the Qwen2-VL tower (32 blocks of width 1280,
+# the same for 2B/7B/72B) the linear layers cost ~1.3 GFLOP per patch and attention ~0.16 MFLOP per
+# patch per patch in the call: at 4096 patches attention is about a third of the work, so packing
+# small media up to here buys fewer, fuller calls cheaply; larger media go alone.
+MAX_PATCHES_PER_CALL = 4096
+
+
+@dataclass(frozen=True)
+class _Frame:
+    item: int
+    start: int  # first patch row of the frame in the item's pixel values
+    stop: int
+
+
+def _frames(grids: list[np.ndarray]) -> list[_Frame]:
+    frames = []
+    for item, (t, h, w) in enumerate(np.asarray(g, dtype=np.int64).reshape(3).tolist() for g in grids):
+        frames.extend(_Frame(item, f * h * w, (f + 1) * h * w) for f in range(t))
+    return frames
+
+
+def pack_vit_calls(pixel_values: list[np.ndarray], grids: list[np.ndarray], merge_size: int,
+                   max_patches: int) -> list[dict[str, np.ndarray]]:
+    """Inputs of the ViT calls that encode all items, in order; a frame above ``max_patches`` goes alone."""
+    if not grids:
+        return []
+    positions = [vision_position_ids(np.asarray(g).reshape(1, 3), merge_size) for g in grids]
+    calls: list[list[_Frame]] = [[]]
+    size = 0
+    for frame in _frames(grids):
+        rows = frame.stop - frame.start
+        if calls[-1] and size + rows > max_patches:
+            calls.append([])
+            size = 0
+        calls[-1].append(frame)
+        size += rows
+    return [{
+        "pixel_values": np.ascontiguousarray(
+            np.concatenate([pixel_values[f.item][f.start:f.stop] for f in frames]), dtype=np.float32),
+        "position_ids": np.concatenate([positions[f.item][f.start:f.stop] for f in frames]),
+        "segment_ids": np.repeat(np.arange(len(frames), dtype=np.int64), [f.stop - f.start for f in frames]),
+    } for frames in calls]
+
+
+def split_embeddings(outputs: list[np.ndarray], grids: list[np.ndarray], merge_size: int) -> list[np.ndarray]:
+    """The ViT outputs of ``pack_vit_calls``' calls, in call order, cut back into one array per item."""
+    tokens = [int(np.prod(g)) // merge_size**2 for g in grids]
+    embeds = np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+    if len(embeds) != sum(tokens):
+        raise ValueError(f"the ViT returned {len(embeds)} embeddings for {sum(tokens)} tokens")
+    return np.split(embeds, np.cumsum(tokens)[:-1])
