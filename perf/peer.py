@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import httpx
-
 from perf.stream_client import Target
+from vlmserve.processes import stop_process, wait_healthy
 from vlmserve.triton_server import REPO_ROOT
 
 TRANSFORMERS_SERVE = (
@@ -45,24 +43,12 @@ class TransformersServePeer:
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"transformers serve exited ({self.process.returncode}); see {self.log_path}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"transformers serve not healthy after {timeout_s:.0f}s; see {self.log_path}")
+        try:
+            wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", timeout_s, "transformers serve",
+                         self.log_path)
+        except Exception:
+            self.stop()
+            raise
 
     def stop(self, timeout_s: float = 20.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout_s)

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
-
 from export.generate_repository import RepositoryOptions, generate_repository
 from export.vision_onnx import export_vision_onnx
+from vlmserve.processes import stop_process, wait_healthy
 from vlmserve.triton_server import REPO_ROOT, TritonPorts, TritonServer, triton_environment
 
 
@@ -47,26 +45,11 @@ class ProxyProcess:
             [sys.executable, "-m", "openai_proxy", "--triton-url", self.triton_grpc_url, "--host", "127.0.0.1",
              "--port", str(self.port), "--served-model-name", self.model_name, *self.extra_args],
             cwd=REPO_ROOT, env=triton_environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"proxy exited with code {self.process.returncode}; see {self.log_path}")
-            try:
-                if httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"proxy not healthy after {timeout_s:.0f}s; see {self.log_path}")
+        wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", timeout_s, "proxy", self.log_path)
 
     def stop(self, timeout_s: float = 40.0) -> None:
         """SIGTERM, then SIGKILL after `timeout_s` (the proxy lets requests in flight finish first)."""
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop_process(self.process, timeout_s)
 
 
 @dataclass

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
+from vlmserve.processes import stop_process
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -122,11 +124,4 @@ class TritonServer:
         raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f}s; see {self.log_path}")
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.terminate()
-        try:
-            self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        stop_process(self.process, timeout_s)
