@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import io
 import socket
+import struct
 import time
 import uuid
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -60,9 +62,22 @@ def noise_png(width: int, height: int, seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def renamed_png(png: bytes, n: int) -> bytes:
+    """The same picture with a tEXt chunk saying ``n``: new bytes (a cache miss), same decoding work.
+
+    Costs microseconds, where encoding a new picture in the benchmark's event loop would delay
+    the very stream being timed.
+    """
+    body = b"copy\0" + str(n).encode()
+    chunk = struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body))
+    ihdr_end = 8 + 8 + 13 + 4  # signature, IHDR length+type, IHDR data, CRC
+    return png[:ihdr_end] + chunk + png[ihdr_end:]
+
+
 @dataclass
 class TimedStream:
     text: str
+    prompt_tokens: int
     ttft_s: float  # request sent -> first generated token
     token_times: list[tuple[float, int]]  # (seconds since the request, completion tokens so far) per chunk
 
@@ -80,11 +95,12 @@ class TimedStream:
 async def timed_generate(client: TritonVLMClient, messages: list[dict], media: list[bytes],
                          sampling: dict) -> TimedStream:
     start = time.perf_counter()
-    text, times = "", []
+    text, times, prompt_tokens = "", [], 0
     async for chunk in client.generate(messages, media, sampling, uuid.uuid4().hex):
         text += chunk.text
+        prompt_tokens = chunk.prompt_tokens
         if chunk.completion_tokens and (not times or chunk.completion_tokens > times[-1][1]):
             times.append((time.perf_counter() - start, chunk.completion_tokens))
     if not times:
         raise RuntimeError("the stream produced no tokens")
-    return TimedStream(text, times[0][0], times)
+    return TimedStream(text, prompt_tokens, times[0][0], times)
