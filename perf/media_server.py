@@ -1,4 +1,4 @@
-"""A local HTTP server for benchmark images, so both servers fetch media by URL as real clients make them do."""
+"""A local HTTP server for media, so servers fetch images and videos by URL as real clients make them do."""
 
 from __future__ import annotations
 
@@ -25,6 +25,11 @@ class MediaServer:
 
     def url(self, relative_path: str) -> str:
         return f"http://127.0.0.1:{self._httpd.server_port}/{quote(relative_path)}"
+
+    def add(self, name: str, data: bytes) -> str:
+        """Write `data` as `name` under the root; its URL."""
+        (self.root / name).write_bytes(data)
+        return self.url(name)
 
     def __enter__(self) -> MediaServer:
         self._thread.start()

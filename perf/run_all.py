@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import random
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from perf.stats import RequestRecord, summarize
 from perf.stream_client import Target
 from perf.synthetic_data import draw_image, synthesize
 from vlmserve.deployment import Stack, prepare_cpu_repository
+from vlmserve.processes import free_port
 from vlmserve.triton_server import REPO_ROOT, TritonPorts
 
 OURS = "ours"
@@ -55,12 +55,6 @@ class Measurements:
     runs: dict[str, dict[str, list[Run]]]  # [server][workload]: one run per repeat
     multi_round_turns: dict[str, list[TurnResult]]  # [server]
     reference: dict[str, Run]  # [server]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def machine() -> dict:
@@ -168,7 +162,7 @@ def start_our_stack(running: contextlib.ExitStack, checkpoint: Path, deploy: Pat
     """tritonserver with the CPU repository plus the proxy, stopped with `running`; the OpenAI base URL."""
     repository = prepare_cpu_repository(checkpoint, deploy, llm_threads=llm_threads)
     # The media server is on loopback, which the proxy refuses to fetch from unless told.
-    stack = Stack.create(repository, deploy, model_name, TritonPorts(free_port(), free_port(), free_port()),
+    stack = Stack.create(repository, deploy, model_name, TritonPorts.free(),
                          free_port(), proxy_args=["--allow-media-network", "127.0.0.0/8"])
     stack.start()
     running.callback(stack.stop)

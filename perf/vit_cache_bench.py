@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import tempfile
 from pathlib import Path
 
 from client.triton_vlm import TritonVLMClient
-from perf.vit_stack import checkpoint_or_tiny, noise_png, running_stack, timed_generate
+from perf.vit_stack import checkpoint_or_tiny, noise_png, report, running_stack, timed_generate
 
 QUESTIONS = ("Compare these four pictures.", "Which one is the brightest?", "Describe the last one again.")
 
@@ -77,10 +76,7 @@ def main(argv: list[str] | None = None) -> None:
         "conversations": args.conversations,
         "image_size": args.image_size,
     }
-    for key, value in result.items():
-        print(f"{key:>26}: {value:.3f}" if isinstance(value, float) else f"{key:>26}: {value}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

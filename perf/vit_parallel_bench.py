@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
-import json
 import statistics
 import tempfile
 import time
@@ -27,7 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from client.triton_vlm import TritonVLMClient
-from perf.vit_stack import TimedStream, checkpoint_or_tiny, noise_png, renamed_png, running_stack, timed_generate
+from perf.vit_stack import (TimedStream, checkpoint_or_tiny, noise_png, renamed_png, report, running_stack,
+                             timed_generate)
 
 LONG_PROMPT = [{"role": "user", "content": "Write a very long story."}]
 
@@ -146,10 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             checkpoint = checkpoint_or_tiny(args.checkpoint, Path(tmp))
             with running_stack(checkpoint, Path(tmp) / "deploy", llm_threads=1) as stack:
                 result = asyncio.run(measure(stack.triton.grpc_url, args))
-    for key, value in result.items():
-        print(f"{key:>28}: {value:.3f}" if isinstance(value, float) else f"{key:>28}: {value}")
-    if args.json:
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    report(result, args.json)
 
 
 if __name__ == "__main__":

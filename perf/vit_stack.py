@@ -7,7 +7,7 @@ figures leave out the proxy's media fetching.
 from __future__ import annotations
 
 import io
-import socket
+import json
 import struct
 import time
 import uuid
@@ -23,13 +23,8 @@ from PIL import Image
 from client.triton_vlm import TritonVLMClient
 from export.tiny_model import build_tiny_checkpoint
 from vlmserve.deployment import Stack, prepare_cpu_repository
+from vlmserve.processes import free_port
 from vlmserve.triton_server import TritonPorts
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def checkpoint_or_tiny(checkpoint: Path | None, workdir: Path) -> Path:
@@ -45,8 +40,7 @@ def checkpoint_or_tiny(checkpoint: Path | None, workdir: Path) -> Path:
 def running_stack(checkpoint: Path, workdir: Path, **repository_options) -> Iterator[Stack]:
     """tritonserver + proxy on free loopback ports; `repository_options` go to the repository generator."""
     repository = prepare_cpu_repository(checkpoint, workdir, **repository_options)
-    stack = Stack.create(repository, workdir, checkpoint.name,
-                         TritonPorts(_free_port(), _free_port(), _free_port()), _free_port())
+    stack = Stack.create(repository, workdir, checkpoint.name, TritonPorts.free(), free_port())
     stack.start()
     try:
         yield stack
@@ -104,3 +98,12 @@ async def timed_generate(client: TritonVLMClient, messages: list[dict], media: l
     if not times:
         raise RuntimeError("the stream produced no tokens")
     return TimedStream(text, prompt_tokens, times[0][0], times)
+
+
+def report(result: dict, json_path: Path | None) -> None:
+    """Print the figures one per line; also write them as JSON when asked."""
+    width = max(map(len, result))
+    for key, value in result.items():
+        print(f"{key:>{width}}: {value:.3f}" if isinstance(value, float) else f"{key:>{width}}: {value}")
+    if json_path:
+        json_path.write_text(json.dumps(result, indent=2) + "\n")

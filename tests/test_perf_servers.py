@@ -12,7 +12,7 @@ from perf.peer import TransformersServePeer
 from perf.stats import summarize
 from perf.stream_client import Target, stream_chat
 from perf.synthetic_data import synthesize
-from tests.conftest import free_port
+from vlmserve.processes import free_port
 
 MAX_TOKENS = 6
 

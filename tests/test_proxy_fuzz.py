@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from vlmserve.processes import free_port
 from tests.proxy_helpers import TrickyMediaServer
 from tests.test_end_to_end import mp4_bytes, png_bytes
 from tests.test_proxy_resilience import wait_until_idle

@@ -10,7 +10,7 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import free_port
+from vlmserve.processes import free_port
 from tests.test_end_to_end import _metric
 from vlmserve.deployment import ProxyProcess
 

@@ -17,7 +17,6 @@ import openai
 import pytest
 import tritonclient.grpc as grpcclient
 
-from tests.conftest import free_port
 from tests.test_end_to_end import mp4_bytes, png_bytes
 from vlmserve.preprocessing import VisionPreprocessor
 from vlmserve.vit_packing import MAX_PATCHES_PER_CALL, pack_vit_calls, split_embeddings
@@ -151,7 +150,7 @@ def small_cache_server(tiny_checkpoint, tmp_path_factory):
     for model in repository.iterdir():
         if model.name != "vit_cache":
             shutil.rmtree(model)
-    server = TritonServer(repository, workdir / "tritonserver", TritonPorts(free_port(), free_port(), free_port()),
+    server = TritonServer(repository, workdir / "tritonserver", TritonPorts.free(),
                           log_path=workdir / "tritonserver.log")
     server.start()
     yield server

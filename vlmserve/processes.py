@@ -1,12 +1,20 @@
-"""Child server processes: wait until they answer a health URL, stop them politely."""
+"""Child server processes: pick free loopback ports, wait until they answer a health URL, stop them politely."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_healthy(process: subprocess.Popen, url: str, timeout_s: float, name: str, log_path: Path | None) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import tritonclient.grpc as grpcclient
 
-from vlmserve.processes import stop_process
+from vlmserve.processes import free_port, stop_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -65,6 +65,11 @@ class TritonPorts:
     http: int = 8010
     grpc: int = 8001
     metrics: int = 8002
+
+    @classmethod
+    def free(cls) -> TritonPorts:
+        """Three ports nothing listens on (tests and benchmarks run beside other servers)."""
+        return cls(free_port(), free_port(), free_port())
 
 
 class TritonServer:
