@@ -143,6 +143,7 @@ def llm_config(opts: RepositoryOptions) -> str:
               _tensor("POSITION_IDS", "TYPE_INT64", [3, -1], optional=True),
               _tensor("ROPE_DELTA", "TYPE_INT64", [1], optional=True),
               _tensor("MEDIA_EMBEDS", "TYPE_FP32", [-1, -1], optional=True),
+              _tensor("MEDIA_KEYS", "TYPE_STRING", [-1], optional=True),
               _tensor("SAMPLING", "TYPE_STRING", [1], optional=True), _tensor("ABORT", "TYPE_BOOL", [1], optional=True)]
     outputs = [_tensor("TOKEN_IDS", "TYPE_INT64", [-1]), _tensor("FINISH_REASON", "TYPE_STRING", [1])]
     params = {"checkpoint_dir": opts.checkpoint.resolve(), "dtype": opts.llm_dtype,

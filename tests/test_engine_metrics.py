@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import queue
 import re
 import time
+import uuid
 
 import httpx
+import numpy as np
 import openai
+import tritonclient.grpc as grpcclient
+from transformers import AutoConfig
+from tritonclient.utils import np_to_triton_dtype
 
 PREFIX = "vlm_llm_"
 
@@ -42,3 +49,53 @@ def test_kv_and_prefix_cache_metrics(stack):
                - before.get(PREFIX + "prefix_cache_query_tokens_total", 0))
     assert hits >= 16 and queries > hits  # the first turn looked up its whole prompt and hit (nearly) nothing
     assert after[PREFIX + "tokens_per_step"] >= 1 and PREFIX + "preemptions_total" in after
+
+
+def llm_first_token(stack, input_ids: np.ndarray, embeds: np.ndarray, media_keys: list[str]) -> None:
+    """One greedy token straight from the `llm` model, with given media embeddings and content keys."""
+    responses: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(stack.triton.grpc_url)
+    client.start_stream(callback=lambda result, error: responses.put(error or result))
+    tensors = {
+        "REQUEST_ID": np.asarray([uuid.uuid4().hex.encode()], dtype=np.object_),
+        "INPUT_IDS": input_ids,
+        "POSITION_IDS": np.tile(np.arange(input_ids.size, dtype=np.int64), (3, 1)),
+        "ROPE_DELTA": np.zeros(1, dtype=np.int64),
+        "MEDIA_EMBEDS": embeds,
+        "MEDIA_KEYS": np.asarray([key.encode() for key in media_keys], dtype=np.object_),
+        "SAMPLING": np.asarray([json.dumps({"max_tokens": 1}).encode()], dtype=np.object_),
+    }
+    inputs = []
+    for name, value in tensors.items():
+        inputs.append(grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype)))
+        inputs[-1].set_data_from_numpy(value)
+    try:
+        client.async_stream_infer("llm", inputs, enable_empty_final_response=True)
+        while True:
+            response = responses.get(timeout=60)
+            if isinstance(response, Exception):
+                raise response
+            if response.get_response().parameters["triton_final_response"].bool_param:
+                return
+    finally:
+        client.stop_stream()
+        client.close()
+
+
+def test_prefix_cache_matches_media_by_their_content_keys(stack, tiny_checkpoint):
+    """The vlm model sends each medium's content key (MEDIA_KEYS); the llm's prefix cache matches media
+    by it rather than by their embedding rows, which a GPU ViT need not reproduce bit for bit."""
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    pads = 64  # four 16-token KV blocks of image tokens
+    input_ids = np.asarray([11, 12, 13] + [config.image_token_id] * pads + [14, 15], dtype=np.int64)
+    rows = np.random.default_rng(0).standard_normal((2, pads, config.text_config.hidden_size)).astype(np.float32)
+
+    def hit_tokens_of(embeds: np.ndarray, key: str) -> float:
+        before = metrics(stack).get(PREFIX + "prefix_cache_hit_tokens_total", 0)
+        llm_first_token(stack, input_ids, embeds, [key])
+        return metrics(stack)[PREFIX + "prefix_cache_hit_tokens_total"] - before
+
+    key = uuid.uuid4().hex
+    assert hit_tokens_of(rows[0], key) == 0
+    assert hit_tokens_of(rows[1], key) == 64  # other rows, same key: every full block is reused
+    assert hit_tokens_of(rows[0], uuid.uuid4().hex) == 0  # the first rows under a new key: nothing

@@ -123,6 +123,8 @@ def test_duplicates_in_a_request_are_encoded_once_in_one_vit_call(make_encoder, 
     assert models.calls == {"vit_cache": 4, "preprocess": 2, "vit": 1}  # 2 lookups, 2 stores
     assert np.array_equal(encoded[0].embeds, encoded[2].embeds)
     assert [e.grid_thw.tolist() for e in encoded] == [[1, 4, 6], [1, 8, 4], [1, 4, 6]]
+    # The keys the llm's prefix cache matches media by: the same for the same bytes only.
+    assert encoded[0].key == encoded[2].key != encoded[1].key
 
 
 def test_cache_on_and_off_give_the_same_embeddings(make_encoder, models):
@@ -135,6 +137,7 @@ def test_cache_on_and_off_give_the_same_embeddings(make_encoder, models):
     uncached = asyncio.run(off.encode([IMAGE] * 2, media))
     assert models.calls == {"vit_cache": 2, "preprocess": 2, "vit": 1}
     for x, y, z in zip(first, again, uncached):
+        assert x.key == y.key == z.key
         np.testing.assert_array_equal(x.embeds, y.embeds)
         np.testing.assert_array_equal(x.embeds, z.embeds)
 

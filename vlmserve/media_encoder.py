@@ -28,6 +28,7 @@ from vlmserve.vit_packing import MAX_PATCHES_PER_CALL, pack_vit_calls, split_emb
 
 @dataclass(frozen=True)
 class Encoded:
+    key: str  # content hash + everything that shapes the ViT input (MediaSettings.cache_key)
     grid_thw: np.ndarray  # int64 [3]
     embeds: np.ndarray  # float32 [tokens, hidden]
 
@@ -111,19 +112,19 @@ class MediaEncoder:
             found = {key: hit for key, hit in zip(media, hits) if hit is not None}
         misses = {key: medium for key, medium in media.items() if key not in found}
         if misses:
-            encoded = await self._run(list(misses.values()))
-            found.update(zip(misses, encoded))
+            encoded = await self._run(misses)
+            found.update((e.key, e) for e in encoded)
             if self.use_cache:
-                await asyncio.gather(*(self._store(key, value) for key, value in zip(misses, encoded)))
+                await asyncio.gather(*map(self._store, encoded))
         return found
 
-    async def _run(self, media: list[_Medium]) -> list[Encoded]:
-        pre = await asyncio.gather(*map(self._preprocess, media))
+    async def _run(self, media: dict[str, _Medium]) -> list[Encoded]:
+        pre = await asyncio.gather(*map(self._preprocess, media.values()))
         pixels, grids = [p for p, _ in pre], [g for _, g in pre]
         calls = pack_vit_calls(pixels, grids, self.merge_size, self.max_patches)
         outputs = await asyncio.gather(*(_infer("vit", call, ["image_embeds"]) for call in calls))
         embeds = split_embeddings([out["image_embeds"] for out in outputs], grids, self.merge_size)
-        return [Encoded(grid, e) for grid, e in zip(grids, embeds)]
+        return [Encoded(key, grid, e) for key, grid, e in zip(media, grids, embeds)]
 
     async def _preprocess(self, medium: _Medium) -> tuple[np.ndarray, np.ndarray]:
         inputs = {"MEDIA": np.asarray([medium.data], dtype=np.object_),
@@ -135,8 +136,8 @@ class MediaEncoder:
 
     async def _lookup(self, key: str) -> Encoded | None:
         out = await _infer("vit_cache", {"KEY": _key_tensor(key)}, ["FOUND", "EMBEDS", "GRID_THW"])
-        return Encoded(out["GRID_THW"], out["EMBEDS"]) if out["FOUND"][0] else None
+        return Encoded(key, out["GRID_THW"], out["EMBEDS"]) if out["FOUND"][0] else None
 
-    async def _store(self, key: str, value: Encoded) -> None:
-        await _infer("vit_cache", {"KEY": _key_tensor(key), "EMBEDS": value.embeds, "GRID_THW": value.grid_thw},
+    async def _store(self, value: Encoded) -> None:
+        await _infer("vit_cache", {"KEY": _key_tensor(value.key), "EMBEDS": value.embeds, "GRID_THW": value.grid_thw},
                      ["FOUND"])

@@ -118,12 +118,14 @@ class TritonPythonModel:
         except (ValueError, TypeError) as exc:
             raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
         media = optional_input(request, "MEDIA_EMBEDS")
+        keys = optional_input(request, "MEDIA_KEYS")
         return ("add", request_id, sender, dict(
             input_ids=required_input(request, "INPUT_IDS").astype(np.int64).reshape(-1),
             position_ids=required_input(request, "POSITION_IDS").astype(np.int64),
             rope_delta=int(required_input(request, "ROPE_DELTA").reshape(-1)[0]),
             media_embeds=None if media is None or media.size == 0 else media,
             sampling=sampling,
+            media_hashes=None if keys is None else [key.decode() for key in keys.reshape(-1)],
         ))
 
     def _loop(self) -> None:

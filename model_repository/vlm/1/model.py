@@ -16,7 +16,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from vlmserve.errors import INVALID_REQUEST_PREFIX, InvalidRequest
-from vlmserve.media_encoder import MediaEncoder
+from vlmserve.media_encoder import Encoded, MediaEncoder
 from vlmserve.mrope import mrope_positions
 from vlmserve.prompt import PromptBuilder, media_parts, validate_messages
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
@@ -102,29 +102,26 @@ class TritonPythonModel:
         position_ids, rope_delta = mrope_positions(
             input_ids, np.stack(image_grids) if image_grids else None, np.stack(video_grids) if video_grids else None,
             self.config)
-        embeds = np.concatenate([e for _, e in encoded]) if encoded else None
         llm_sampling = {k: sampling[k] for k in SAMPLING_KEYS if sampling.get(k) is not None}
         llm_sampling["max_tokens"] = max_tokens
-        await self._stream(sender, input_ids, position_ids, rope_delta, embeds, llm_sampling,
+        await self._stream(sender, input_ids, position_ids, rope_delta, encoded, llm_sampling,
                            stop=sampling.get("stop") or [])
 
-    async def _chat_prompt(self, messages, media: list) -> tuple[np.ndarray, list, list]:
-        """Prompt ids of chat messages, with (kind, grid) and (grid, embeddings) of each medium."""
+    async def _chat_prompt(self, messages, media: list) -> tuple[np.ndarray, list, list[Encoded]]:
+        """Prompt ids of chat messages, with (kind, grid) and the encoding of each medium."""
         messages = validate_messages(messages)
         parts = media_parts(messages)
         if len(parts) != len(media):
             raise InvalidRequest(f"{len(parts)} image/video parts but {len(media)} media inputs")
         if len(media) > self.max_media:
             raise InvalidRequest(f"at most {self.max_media} images/videos per request, got {len(media)}")
-        encoded = await self._encode(parts, media)
-        grids = [(part["type"], grid) for part, (grid, _) in zip(parts, encoded)]
+        # Deduplicated, cached and batched by vlmserve.media_encoder.
+        encoded = await self.media.encode(parts, media)
+        grids = [(part["type"], e.grid_thw) for part, e in zip(parts, encoded)]
         return self.prompts.build(messages, grids), grids, encoded
 
-    async def _encode(self, parts: list[dict], media: list) -> list[tuple[np.ndarray, np.ndarray]]:
-        """(grid_thw, embeddings) of each medium: deduplicated, cached and batched by vlmserve.media_encoder."""
-        return [(e.grid_thw, e.embeds) for e in await self.media.encode(parts, media)]
-
-    async def _stream(self, sender, input_ids, position_ids, rope_delta, embeds, sampling, stop) -> None:
+    async def _stream(self, sender, input_ids, position_ids, rope_delta, encoded: list[Encoded], sampling,
+                      stop) -> None:
         request_id = uuid.uuid4().hex
         inputs = [
             pb_utils.Tensor("REQUEST_ID", np.asarray([request_id], dtype=np.object_)),
@@ -133,8 +130,11 @@ class TritonPythonModel:
             _tensor("ROPE_DELTA", rope_delta, np.int64),
             pb_utils.Tensor("SAMPLING", np.asarray([json.dumps(sampling)], dtype=np.object_)),
         ]
-        if embeds is not None:
-            inputs.append(pb_utils.Tensor("MEDIA_EMBEDS", embeds))
+        if encoded:
+            inputs.append(pb_utils.Tensor("MEDIA_EMBEDS", np.concatenate([e.embeds for e in encoded])))
+            # The media's content keys let the llm's prefix cache match them without hashing embeddings.
+            inputs.append(pb_utils.Tensor("MEDIA_KEYS", np.asarray([e.key.encode() for e in encoded],
+                                                                   dtype=np.object_)))
         responses = await pb_utils.InferenceRequest(
             model_name="llm", inputs=inputs, requested_output_names=["TOKEN_IDS", "FINISH_REASON"]
         ).async_exec(decoupled=True)
