@@ -8,7 +8,8 @@ from openai_proxy.chat_schemas import ImageURLPart, Message, SystemMessage, Text
 from openai_proxy.schemas import GenerationRequest
 
 # Request fields passed to the model under the same name when the client sets them.
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "frequency_penalty", "presence_penalty", "seed")
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
+                    "repetition_penalty", "seed")
 
 
 def to_hf_messages(messages: Sequence[Message], default_video_fps: float) -> tuple[list[dict], list[str]]:

@@ -29,7 +29,10 @@ class GenerationRequest(StrictModel):
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
-    top_k: int | None = Field(None, ge=0)  # extension (as in vLLM); 0 turns it off
+    # Extensions, as vLLM takes them (the openai client sends them in `extra_body`).
+    top_k: int | None = Field(None, ge=-1)  # -1 or 0: off
+    min_p: float | None = Field(None, ge=0, le=1)
+    repetition_penalty: float | None = Field(None, gt=0, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     seed: int | None = Field(None, ge=0, lt=2**63)
@@ -52,6 +55,11 @@ class GenerationRequest(StrictModel):
             if value not in neutral:
                 raise ValueError(reason)
         return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_off_is_zero(cls, top_k: int | None) -> int | None:
+        return 0 if top_k == -1 else top_k  # vLLM spells "off" -1; the engine, 0
 
     @field_validator("stop")
     @classmethod

@@ -119,6 +119,7 @@ def bad_cases(server: TrickyMediaServer) -> list[tuple[Case, int]]:
         (Case("temperature 7", 400, body={**chat(text("hi")), "temperature": 7}), 4),
         (Case("max_tokens 0", 400, body={**chat(text("hi")), "max_tokens": 0}), 4),
         (Case("negative seed", 400, body={**chat(text("hi")), "seed": -5}), 4),
+        (Case("min_p 1.5", 400, body={**chat(text("hi")), "min_p": 1.5}), 4),
         (Case("five stop strings", 400, body={**chat(text("hi")), "stop": list("abcde")}), 4),
         (Case("stream_options without stream", 400, body={**chat(text("hi")),
                                                           "stream_options": {"include_usage": True}}), 4),
@@ -174,7 +175,8 @@ def good_cases(server: TrickyMediaServer) -> list[Case]:
         Case("chat stream with image", 200, body=chat(text("What is it?"), image(picture), stream=True,
                                                       stream_options={"include_usage": True}, seed=3, stop=["zz"])),
         Case("chat with inline image and system prompt", 200, body={
-            "model": MODEL, "max_completion_tokens": 4, "temperature": 0.7, "top_p": 0.9, "messages": [
+            "model": MODEL, "max_completion_tokens": 4, "temperature": 0.7, "top_p": 0.9, "min_p": 0.05,
+            "repetition_penalty": 1.1, "messages": [
                 {"role": "system", "content": "Be brief."},
                 {"role": "user", "content": [image(data_url(png_bytes(28, 56, seed=24))), text("Describe.")]}]}),
         Case("chat with video", 200, body=chat(video(clip), text("What happens?"), max_tokens=3)),

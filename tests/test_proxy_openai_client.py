@@ -108,6 +108,20 @@ def test_stop_strings_end_the_answer_with_finish_reason_stop(client):
     assert text.startswith(stopped.choices[0].text)
 
 
+def test_vllm_sampling_extensions_reach_the_engine(client):
+    messages = [{"role": "user", "content": "Name three colours."}]
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    # min_p 1 keeps only the most likely token: sampling at temperature 1 must give the greedy answer.
+    only_top = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=1, seed=3,
+                                              extra_body={"min_p": 1.0, "top_k": -1})
+    assert only_top.choices[0].message.content == greedy.choices[0].message.content
+    penalized = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+                                               extra_body={"repetition_penalty": 2.0})
+    assert penalized.choices[0].message.content != greedy.choices[0].message.content
+    with pytest.raises(openai.BadRequestError, match="min_p"):
+        client.chat.completions.create(model=MODEL, messages=messages, extra_body={"min_p": 1.5})
+
+
 def test_the_client_raises_openai_errors(client):
     with pytest.raises(openai.BadRequestError, match="logprobs are not supported"):
         client.chat.completions.create(model=MODEL, logprobs=True, messages=[{"role": "user", "content": "hi"}])

@@ -111,6 +111,9 @@ def test_sampling_params_map_openai_names_and_leave_unset_ones_out():
     assert sampling_params(request, max_tokens=20) == {
         "max_tokens": 20, "temperature": 0, "top_k": 5, "seed": 7, "stop": ["END"], "frequency_penalty": 0.5}
     assert sampling_params(chat_request(messages=[user("hi")]), 10) == {"max_tokens": 10}
+    vllm_style = chat_request(messages=[user("hi")], top_k=-1, min_p=0.05, repetition_penalty=1.1)
+    assert sampling_params(vllm_style, 10) == {"max_tokens": 10, "top_k": 0, "min_p": 0.05,
+                                               "repetition_penalty": 1.1}
     assert sampling_params(chat_request(messages=[user("hi")], stop=["a", "b"]), 99) == {"max_tokens": 99,
                                                                                          "stop": ["a", "b"]}
 
