@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vlmserve.media_settings import MediaSettings
-from vlmserve.vit_packing import MAX_PATCHES_PER_CALL
+from vlmserve.vit_packing import CPU_MAX_PATCHES_PER_CALL, MAX_PATCHES_PER_CALL
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MEDIA_PARAMETERS = tuple(f.name for f in dataclasses.fields(MediaSettings))
@@ -32,6 +32,10 @@ def default_vit_cpu_threads(cpu_count: int, llm_threads: int, vit_instances: int
     """ONNX Runtime threads per CPU ViT instance: the cores the LLM does not use (half when unset)."""
     llm_share = llm_threads or cpu_count // 2
     return max(1, (cpu_count - llm_share) // vit_instances)
+
+
+def default_vit_max_patches(target: str) -> int:
+    return MAX_PATCHES_PER_CALL if target == "gpu" else CPU_MAX_PATCHES_PER_CALL
 
 
 @dataclass
@@ -45,7 +49,7 @@ class RepositoryOptions:
     vit_instances_per_gpu: int = 1
     vit_cpu_instances: int = 1
     vit_cpu_threads: int | None = None  # None: default_vit_cpu_threads(os.cpu_count(), ...)
-    vit_max_patches: int = MAX_PATCHES_PER_CALL  # packing budget per vit call; larger media go alone
+    vit_max_patches: int | None = None  # packing budget per vit call (None: the target's default)
     vit_cache_mb: float = 512.0  # 0 turns the ViT embedding cache off
     media: dict[str, str] = field(default_factory=dict)  # MediaSettings overrides, e.g. {"max_frames": "64"}
     preprocess_instances: int = 2
@@ -96,9 +100,9 @@ VIT_INPUTS = [_tensor("pixel_values", "TYPE_FP32", [-1, -1]), _tensor("position_
 VIT_OUTPUTS = [_tensor("image_embeds", "TYPE_FP32", [-1, -1])]
 
 
-VIT_BATCHING = """No dynamic_batching: the patch dimension is ragged and segment_ids restart at 0 in every
-request, so Triton's batcher (max_batch_size > 0, concatenation along a batch dimension) would
-merge attention segments of different requests. The vlm model batches instead: it packs all
+VIT_BATCHING = """No dynamic_batching: the patch dimension is ragged, and Triton batches ragged inputs of
+a TensorRT plan only as flattened 1-D tensors and scatters outputs only in the shape of an input
+(image_embeds has a quarter of the rows of pixel_values). The vlm model batches instead: it packs all
 media of a request into calls of at most vit_max_patches patches (vlmserve/vit_packing.py);
 a larger medium goes alone. On GPU the engine profile's max covers the largest image."""
 
@@ -165,7 +169,7 @@ def vlm_config(opts: RepositoryOptions) -> str:
     outputs = [_tensor("TEXT", "TYPE_STRING", [1]), _tensor("FINISH_REASON", "TYPE_STRING", [1]),
                _tensor("PROMPT_TOKENS", "TYPE_INT32", [1]), _tensor("COMPLETION_TOKENS", "TYPE_INT32", [1])]
     params = {**_media_parameters(opts), "vit_cache": str(opts.vit_cache_mb > 0).lower(),
-              "vit_max_patches": opts.vit_max_patches}
+              "vit_max_patches": opts.vit_max_patches or default_vit_max_patches(opts.target)}
     return _config("vlm", 'backend: "python"', inputs, outputs, _cpu_instances(1), params, decoupled=True)
 
 
@@ -207,8 +211,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vit-instances-per-gpu", type=int, default=1)
     parser.add_argument("--vit-cpu-instances", type=int, default=1)
     parser.add_argument("--vit-cpu-threads", type=int, help="default: the cores the LLM leaves, per instance")
-    parser.add_argument("--vit-max-patches", type=int, default=MAX_PATCHES_PER_CALL,
-                        help="packing budget per vit call (gpu: at most the engine profile's max)")
+    parser.add_argument("--vit-max-patches", type=int, help=f"packing budget per vit call (default: gpu "
+                        f"{MAX_PATCHES_PER_CALL}, at most the engine profile's max; cpu {CPU_MAX_PATCHES_PER_CALL})")
     parser.add_argument("--vit-cache-mb", type=float, default=512.0, help="ViT embedding cache budget; 0: off")
     for name in MEDIA_PARAMETERS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help="default: vlmserve/media_settings.py")

@@ -69,11 +69,13 @@ def test_video_in_two_turns_is_encoded_once(stack, media_server):
     before = vit_executions(stack)
     turn_1 = [{"role": "user", "content": [video, {"type": "text", "text": "What happens?"}]}]
     answer = chat(stack, turn_1)
+    first_turn_calls = vit_executions(stack) - before  # frames beyond one call's patch budget: more calls
+    assert first_turn_calls >= 1
     chat(stack, [*turn_1, {"role": "assistant", "content": answer}, {"role": "user", "content": "Then?"}])
-    assert vit_executions(stack) - before == 1
+    assert vit_executions(stack) - before == first_turn_calls
     # Another fps samples other frames: another entry.
     chat(stack, [{"role": "user", "content": [{"type": "video_url", "video_url": {"url": url, "fps": 4}}]}])
-    assert vit_executions(stack) - before == 2
+    assert vit_executions(stack) - before > first_turn_calls
 
 
 def test_concurrent_requests_for_one_new_image_share_one_encoding(stack, media_server):
