@@ -18,6 +18,7 @@ import tritonclient.grpc
 from PIL import Image
 
 from tests.hf_reference import hf_generate
+from tests.test_engine_metrics import settled_metrics
 from vlmserve.media import decode_video
 from vlmserve.preprocessing import VisionPreprocessor
 from vlmserve.triton_server import REPO_ROOT
@@ -140,11 +141,13 @@ def test_eight_concurrent_streams_are_batched(stack, media_server):
         finally:
             await client.close()
 
+    steps_before = _metric(stack, "vlm_llm_steps_total")
     results = asyncio.run(run_all())
     assert all(count > 0 for _, count in results)
-    assert _metric(stack, "vlm_llm_max_batch_size") >= 4
-    steps, batched = _metric(stack, "vlm_llm_steps_total"), _metric(stack, "vlm_llm_batched_sequences_total")
-    assert batched > steps, "some steps ran more than one sequence"
+    settled = settled_metrics(stack, steps_before)
+    assert settled["vlm_llm_max_batch_size"] >= 4
+    assert settled["vlm_llm_batched_sequences_total"] > settled["vlm_llm_steps_total"], \
+        "some steps ran more than one sequence"
 
 
 def test_bad_image_is_a_400_and_the_server_carries_on(client, media_server):

@@ -24,6 +24,22 @@ def metrics(stack) -> dict[str, float]:
             re.findall(rf"^({PREFIX}\w+)(?:{{[^}}]*}})? ([0-9.e+-]+)$", body, re.MULTILINE)}
 
 
+def settled_metrics(stack, steps_before: float, timeout_s: float = 10) -> dict[str, float]:
+    """The llm's metrics once it has stepped past `steps_before` and published its idle state.
+
+    While busy the model publishes at most every 0.1 s, so figures read the moment a response
+    arrives can be a step behind. After `timeout_s` the last figures are returned as they are.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        values = metrics(stack)
+        settled = (values.get(PREFIX + "steps_total", 0) > steps_before and values[PREFIX + "running_requests"] == 0
+                   and values[PREFIX + "waiting_requests"] == 0 and values[PREFIX + "kv_blocks_used"] == 0)
+        if settled or time.monotonic() > deadline:
+            return values
+        time.sleep(0.05)
+
+
 def chat(client: openai.OpenAI, text: str) -> None:
     stream = client.chat.completions.create(
         model="tiny-qwen2-vl", messages=[{"role": "user", "content": text}], stream=True, temperature=0, max_tokens=4)
@@ -38,9 +54,7 @@ def test_kv_and_prefix_cache_metrics(stack):
     chat(client, question)
     chat(client, question)  # same prompt: its full blocks come from the prefix cache
 
-    deadline = time.monotonic() + 10
-    while (after := metrics(stack))[PREFIX + "running_requests"] and time.monotonic() < deadline:
-        time.sleep(0.1)
+    after = settled_metrics(stack, before.get(PREFIX + "steps_total", 0))
     assert after[PREFIX + "kv_blocks_total"] > 0
     assert after[PREFIX + "kv_blocks_used"] == 0 and after[PREFIX + "waiting_requests"] == 0
     assert after[PREFIX + "running_requests"] == 0
@@ -91,9 +105,10 @@ def test_prefix_cache_matches_media_by_their_content_keys(stack, tiny_checkpoint
     rows = np.random.default_rng(0).standard_normal((2, pads, config.text_config.hidden_size)).astype(np.float32)
 
     def hit_tokens_of(embeds: np.ndarray, key: str) -> float:
-        before = metrics(stack).get(PREFIX + "prefix_cache_hit_tokens_total", 0)
+        before = metrics(stack)
         llm_first_token(stack, input_ids, embeds, [key])
-        return metrics(stack)[PREFIX + "prefix_cache_hit_tokens_total"] - before
+        after = settled_metrics(stack, before.get(PREFIX + "steps_total", 0))
+        return after[PREFIX + "prefix_cache_hit_tokens_total"] - before.get(PREFIX + "prefix_cache_hit_tokens_total", 0)
 
     key = uuid.uuid4().hex
     assert hit_tokens_of(rows[0], key) == 0

@@ -20,10 +20,10 @@ LONG = {"model": MODEL, "max_tokens": 3000, "temperature": 0,
 
 
 def wait_until_idle(stack, timeout_s: float = 20) -> float:
-    """Seconds until the llm model has no request left (the metric is refreshed every engine step)."""
+    """Seconds until the llm model holds no request and no KV block (it publishes them within 0.1 s)."""
     started = time.monotonic()
-    while _metric(stack, "vlm_llm_active_requests") != 0:
-        assert time.monotonic() - started < timeout_s, "engine requests were not freed"
+    while _metric(stack, "vlm_llm_active_requests") != 0 or _metric(stack, "vlm_llm_kv_blocks_used") != 0:
+        assert time.monotonic() - started < timeout_s, "engine requests or KV blocks were not freed"
         time.sleep(0.1)
     return time.monotonic() - started
 
