@@ -7,11 +7,12 @@ Three phases, `--runs` long streams each: the long text-only answer streamed alo
 while `--image-workers` clients keep sending requests with `--images` noise images each (new bytes
 every time, so the embedding cache cannot help) and one output token; and a control where the same
 clients send text-only prompts of the same length at the same request rate instead (the same
-prefill load on the LLM, no image work). Reported: the median per-token latency of the long stream in each phase, the ratio
-with images / alone, and the ratio with images / with text: the cost of the image work itself
-(1.0: the ViT costs the stream nothing). Also the longest pause between two chunks (a design that
-ran the ViT in the generation loop would pause the stream for whole image encodings). On a small
-CPU host preprocess, ViT and LLM share the same cores, which shows up in that last ratio.
+prefill load on the LLM, no image work). Reported: the median per-token latency of the long stream
+in each phase, the ratio with images / alone, and the ratio with images / with text: the cost of
+the image work itself (1.0: the ViT costs the stream nothing). Also the longest pause between two
+chunks (a design that ran the ViT in the generation loop would pause the stream for whole image
+encodings). On a small CPU host preprocess, ViT and LLM share the same cores, which shows up in
+that last ratio.
 """
 
 from __future__ import annotations

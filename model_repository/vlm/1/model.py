@@ -22,8 +22,8 @@ from vlmserve.prompt import PromptBuilder, media_parts, validate_messages
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty", "presence_penalty",
-                 "repetition_penalty")
+SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty",
+                 "presence_penalty", "repetition_penalty")
 DEFAULT_MAX_TOKENS = 256
 
 
