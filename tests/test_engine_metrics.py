@@ -24,7 +24,7 @@ def metrics(stack) -> dict[str, float]:
             re.findall(rf"^({PREFIX}\w+)(?:{{[^}}]*}})? ([0-9.e+-]+)$", body, re.MULTILINE)}
 
 
-def settled_metrics(stack, steps_before: float, timeout_s: float = 10) -> dict[str, float]:
+def settled_metrics(stack, steps_before: float = -1, timeout_s: float = 10) -> dict[str, float]:
     """The llm's metrics once it has stepped past `steps_before` and published its idle state.
 
     While busy the model publishes at most every 0.1 s, so figures read the moment a response
@@ -33,8 +33,9 @@ def settled_metrics(stack, steps_before: float, timeout_s: float = 10) -> dict[s
     deadline = time.monotonic() + timeout_s
     while True:
         values = metrics(stack)
-        settled = (values.get(PREFIX + "steps_total", 0) > steps_before and values[PREFIX + "running_requests"] == 0
-                   and values[PREFIX + "waiting_requests"] == 0 and values[PREFIX + "kv_blocks_used"] == 0)
+        settled = (values.get(PREFIX + "steps_total", 0) > steps_before and values[PREFIX + "active_requests"] == 0
+                   and values[PREFIX + "running_requests"] == 0 and values[PREFIX + "waiting_requests"] == 0
+                   and values[PREFIX + "kv_blocks_used"] == 0)
         if settled or time.monotonic() > deadline:
             return values
         time.sleep(0.05)

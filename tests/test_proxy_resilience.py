@@ -5,13 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
-import time
 
 import httpx
 import pytest
 
 from vlmserve.processes import free_port
 from tests.test_end_to_end import _metric
+from tests.test_engine_metrics import settled_metrics
 from vlmserve.deployment import ProxyProcess
 
 MODEL = "tiny-qwen2-vl"
@@ -19,13 +19,11 @@ LONG = {"model": MODEL, "max_tokens": 3000, "temperature": 0,
         "messages": [{"role": "user", "content": "Write a very long story."}]}
 
 
-def wait_until_idle(stack, timeout_s: float = 20) -> float:
-    """Seconds until the llm model holds no request and no KV block (it publishes them within 0.1 s)."""
-    started = time.monotonic()
-    while _metric(stack, "vlm_llm_active_requests") != 0 or _metric(stack, "vlm_llm_kv_blocks_used") != 0:
-        assert time.monotonic() - started < timeout_s, "engine requests or KV blocks were not freed"
-        time.sleep(0.1)
-    return time.monotonic() - started
+def wait_until_idle(stack, timeout_s: float = 20) -> None:
+    """Wait until the llm model holds no request and no KV block."""
+    values = settled_metrics(stack, timeout_s=timeout_s)
+    assert values["vlm_llm_active_requests"] == 0 and values["vlm_llm_kv_blocks_used"] == 0, \
+        "engine requests or KV blocks were not freed"
 
 
 async def open_stream(client: httpx.AsyncClient, url: str, body: dict) -> tuple[httpx.Response, list[str]]:

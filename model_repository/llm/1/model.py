@@ -60,32 +60,32 @@ class EngineMetrics:
                                      "Prompt tokens looked up in the prefix cache (hit rate: hits / queries)")
         self.preemptions = family("vlm_llm_preemptions_total", counter, "Requests preempted for lack of KV blocks")
         # EngineStats field -> counter; the stats keep running totals, a counter takes the increase.
-        self._counters = {"steps": self.steps, "batched_sequences": self.batched, "scheduled_tokens": self.tokens,
+        # Steps go last: whoever sees the step count move sees the rest of that publish too.
+        self._counters = {"batched_sequences": self.batched, "scheduled_tokens": self.tokens,
                           "prefix_cache_hit_tokens": self.prefix_hits,
-                          "prefix_cache_query_tokens": self.prefix_queries, "preemptions": self.preemptions}
+                          "prefix_cache_query_tokens": self.prefix_queries, "preemptions": self.preemptions,
+                          "steps": self.steps}
         self._exported = dict.fromkeys(self._counters, 0)
         self._published_at = 0.0
         self._published: tuple = ()
 
     def publish(self, engine: LLMEngine, active_requests: int, idle: bool) -> None:
         stats = engine.stats
+        gauges = [(self.active, active_requests), (self.max_batch, stats.max_batch_size),
+                  (self.running, stats.num_running), (self.waiting, stats.num_waiting),
+                  (self.step_tokens, stats.last_num_tokens), (self.blocks_used, engine.kv_blocks_used())]
+        totals = {name: getattr(stats, name) for name in self._counters}
+        snapshot = (*(value for _, value in gauges), *totals.values())
         now = time.monotonic()
-        snapshot = (*(getattr(stats, name) for name in self._counters), stats.max_batch_size, stats.num_running,
-                    stats.num_waiting, stats.last_num_tokens, engine.kv_blocks_used(), active_requests)
         if snapshot == self._published or (not idle and now - self._published_at < self.PUBLISH_INTERVAL_S):
             return
         self._published_at, self._published = now, snapshot
-        self.active.set(active_requests)
-        for name, metric in self._counters.items():
-            total = getattr(stats, name)
+        for metric, value in gauges:
+            metric.set(value)
+        for name, total in totals.items():
             if total > self._exported[name]:
-                metric.increment(total - self._exported[name])
+                self._counters[name].increment(total - self._exported[name])
                 self._exported[name] = total
-        self.max_batch.set(stats.max_batch_size)
-        self.running.set(stats.num_running)
-        self.waiting.set(stats.num_waiting)
-        self.step_tokens.set(stats.last_num_tokens)
-        self.blocks_used.set(engine.kv_blocks_used())
 
 
 class TritonPythonModel:
