@@ -10,6 +10,8 @@ CLI: ``python -m export.build_trt_engine VIT.onnx OUT.plan [--checkpoint CKPT] [
 The profile covers the patch dimension N shared by all three inputs
 (``pixel_values`` [N, C*T*P*P] float32, ``position_ids`` [N, 2] int64,
 ``segment_ids`` [N] int64; TensorRT 10 takes the int64 inputs as they are).
+The ONNX model must be the ``--attention masked`` export: the default one
+attends per segment with ONNX Runtime's contrib ops, which TensorRT cannot parse.
 """
 
 from __future__ import annotations
@@ -79,6 +81,17 @@ def check_patch_profile(profile: tuple[int, int, int], merge_unit: int) -> None:
         raise ValueError(f"patch counts must be multiples of {merge_unit}, got {profile}")
 
 
+def check_tensorrt_graph(onnx_path: str | Path) -> None:
+    """ValueError unless ``onnx_path`` uses only standard ONNX domains (the ``--attention masked`` export)."""
+    import onnx  # only the graph's header: external weights stay on disk
+
+    domains = {o.domain for o in onnx.load(str(onnx_path), load_external_data=False).opset_import}
+    foreign = domains - {"", "ai.onnx"}
+    if foreign:
+        raise ValueError(f"{onnx_path} uses operator domains {sorted(foreign)} that TensorRT cannot parse; "
+                         "export it with `python -m export.vision_onnx CKPT OUT.onnx --attention masked`")
+
+
 def cuda_device_count() -> int:
     """GPUs visible to the CUDA driver (0 without a driver), without torch or cuda-python."""
     try:
@@ -128,6 +141,7 @@ def build_engine(
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     trt = import_tensorrt()
+    check_tensorrt_graph(onnx_path)
     log = PhaseLog()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)

@@ -3,23 +3,37 @@
 A plain trace of ``model.model.visual`` bakes the example's ``grid_thw`` into
 the graph (position ids and per-image attention splits are computed in Python).
 ``VisionTowerForExport`` instead takes everything that depends on ``grid_thw``
-as tensor inputs (see ``vlmserve.vision_inputs``) and keeps images apart with a
-block-diagonal attention mask built in the graph from ``segment_ids``.
+as tensor inputs (see ``vlmserve.vision_inputs``) and keeps the frames of a
+call apart by ``segment_ids``, in one of two ways (``--attention``):
 
-CLI: ``python -m export.vision_onnx CHECKPOINT_DIR OUT.onnx``
+- ``segments`` (default, ONNX Runtime): each block runs an ONNX ``Loop`` over
+  the call's segments, one unmasked ``com.microsoft.MultiHeadAttention`` per
+  segment. Without a mask ONNX Runtime's CPU kernel is memory-efficient (it
+  never holds a segment's [heads, S, S] scores), so memory is linear in the
+  patches and time is quadratic only within each frame, not over the call.
+- ``masked`` (TensorRT): plain MatMul/Softmax/MatMul over the whole call with a
+  block-diagonal mask built from ``segment_ids``. TensorRT parses neither
+  ``com.microsoft`` ops nor loops whose body shapes change per iteration; this
+  graph materializes [heads, N, N] scores per call (bounded on GPU by the
+  packing budget and the engine profile).
+
+Both graphs have the same inputs and output.
+
+CLI: ``python -m export.vision_onnx CHECKPOINT_DIR OUT.onnx [--attention segments|masked]``
 """
 
 from __future__ import annotations
 
 import argparse
-import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
+from onnx import TensorProto, helper
 from torch import nn
 from safetensors import safe_open
 from transformers import Qwen2VLConfig
@@ -33,6 +47,19 @@ from vlmserve.vision_inputs import vit_inputs
 
 INPUT_NAMES = ("pixel_values", "position_ids", "segment_ids")
 OUTPUT_NAME = "image_embeds"
+ATTENTION_MODES = ("segments", "masked")
+# Domain of the placeholder node the trace emits for per-segment attention; replaced before saving.
+_PLACEHOLDER_DOMAIN = "vlmserve"
+
+
+def _qkv_with_rotary(
+    attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """HF ``VisionAttention``'s q, k, v [N, heads, head_dim], rotary applied to q and k."""
+    n = hidden.shape[0]
+    q, k, v = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    return q, k, v
 
 
 def _masked_attention(
@@ -44,9 +71,7 @@ def _masked_attention(
 ) -> torch.Tensor:
     """HF ``VisionAttention`` over all patches at once, ``allowed`` [N, N] masking other frames."""
     n = hidden.shape[0]
-    q, k, v = attn.qkv(hidden).reshape(n, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-    q, k = apply_rotary_pos_emb_vision(q, k, cos, sin)
-    q, k, v = (x.transpose(0, 1) for x in (q, k, v))  # [heads, N, head_dim]
+    q, k, v = (x.transpose(0, 1) for x in _qkv_with_rotary(attn, hidden, cos, sin))  # [heads, N, head_dim]
     scores = torch.matmul(q, k.transpose(1, 2)) * attn.scaling
     # -inf rather than a large negative constant: it exists in fp16/bf16, so a
     # TensorRT half-precision build keeps the mask exact. Each row keeps at
@@ -57,16 +82,63 @@ def _masked_attention(
     return attn.proj(out)
 
 
+def segment_bounds(segment_ids: torch.Tensor) -> list[tuple[int, int]]:
+    """(start, stop) rows of each run of equal ids; ``vit_packing`` numbers segments in row order."""
+    starts = (torch.nonzero(segment_ids[1:] != segment_ids[:-1]).flatten() + 1).tolist()
+    edges = [0, *starts, segment_ids.shape[0]]
+    return list(zip(edges[:-1], edges[1:]))
+
+
+class _SegmentAttention(torch.autograd.Function):
+    """Attention within each segment of q, k, v [N, hidden] (rotary applied), scaled by head_dim**-0.5.
+
+    The trace records only the placeholder node of ``symbolic``; ``_lower_segment_attention``
+    turns it into a Loop of unmasked MultiHeadAttention. ``forward`` gives the trace its values.
+    """
+
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segment_ids: torch.Tensor,
+                num_heads: int) -> torch.Tensor:
+        out = torch.empty_like(q)
+        with warnings.catch_warnings():
+            # The trace keeps only symbolic's node, so these Python-side bounds are not baked into it.
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            bounds = segment_bounds(segment_ids)
+        for start, stop in bounds:
+            q_s, k_s, v_s = (x[start:stop].reshape(stop - start, num_heads, -1).transpose(0, 1) for x in (q, k, v))
+            attended = nn.functional.scaled_dot_product_attention(q_s, k_s, v_s)
+            out[start:stop] = attended.transpose(0, 1).reshape(stop - start, -1)
+        return out
+
+    @staticmethod
+    def symbolic(g, q, k, v, segment_ids, num_heads: int):
+        return g.op(f"{_PLACEHOLDER_DOMAIN}::SegmentAttention", q, k, v, segment_ids,
+                    num_heads_i=num_heads).setType(q.type())
+
+
+def _segment_attention(
+    attn: nn.Module, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, segment_ids: torch.Tensor
+) -> torch.Tensor:
+    """HF ``VisionAttention`` with one attention per segment, as its own per-``cu_seqlens`` split does."""
+    n = hidden.shape[0]
+    q, k, v = (x.reshape(n, -1) for x in _qkv_with_rotary(attn, hidden, cos, sin))
+    return attn.proj(_SegmentAttention.apply(q, k, v, segment_ids, attn.num_heads))
+
+
 class VisionTowerForExport(nn.Module):
     """Graph-friendly forward of a Qwen2-VL vision tower, sharing its weights.
 
     forward(pixel_values [N, C*T*P*P] float, position_ids [N, 2] int64,
     segment_ids [N] int64) -> image_embeds [N / merge**2, hidden_size].
+    ``attention`` is one of ATTENTION_MODES (see the module docstring).
     """
 
-    def __init__(self, visual: nn.Module) -> None:
+    def __init__(self, visual: nn.Module, attention: str = "segments") -> None:
         super().__init__()
+        if attention not in ATTENTION_MODES:
+            raise ValueError(f"attention must be one of {ATTENTION_MODES}, got {attention!r}")
         self.visual = visual
+        self.attention = attention
 
     def _embed_patches(self, pixel_values: torch.Tensor) -> torch.Tensor:
         # The Conv3d's kernel equals its stride and the whole patch, so it is a
@@ -82,11 +154,109 @@ class VisionTowerForExport(nn.Module):
         visual = self.visual
         hidden = self._embed_patches(pixel_values)
         cos, sin = visual.rotary_pos_emb(hidden, position_ids)
-        allowed = segment_ids[:, None] == segment_ids[None, :]
+        if self.attention == "masked":
+            allowed = segment_ids[:, None] == segment_ids[None, :]
         for block in visual.blocks:
-            hidden = hidden + _masked_attention(block.attn, block.norm1(hidden), cos, sin, allowed)
+            normed = block.norm1(hidden)
+            if self.attention == "masked":
+                hidden = hidden + _masked_attention(block.attn, normed, cos, sin, allowed)
+            else:
+                hidden = hidden + _segment_attention(block.attn, normed, cos, sin, segment_ids)
             hidden = hidden + block.mlp(block.norm2(hidden))
         return visual.merger(hidden)
+
+
+def _const(name: str, values: list[int]) -> onnx.NodeProto:
+    return helper.make_node("Constant", [], [name], value=helper.make_tensor(name, TensorProto.INT64, [len(values)],
+                                                                             values))
+
+
+def _cu_seqlens_nodes(segment_ids: str, prefix: str) -> tuple[list[onnx.NodeProto], str]:
+    """Nodes computing [0, segment starts..., N] (int64) from the sorted ``segment_ids``, and its name."""
+    p = prefix
+    nodes = [
+        _const(f"{p}zero", [0]), _const(f"{p}one", [1]), _const(f"{p}minus_one", [-1]),
+        _const(f"{p}int_max", [2**63 - 1]),
+        helper.make_node("Shape", [segment_ids], [f"{p}n"]),
+        helper.make_node("Slice", [segment_ids, f"{p}one", f"{p}int_max"], [f"{p}next"]),
+        helper.make_node("Slice", [segment_ids, f"{p}zero", f"{p}minus_one"], [f"{p}prev"]),
+        helper.make_node("Equal", [f"{p}next", f"{p}prev"], [f"{p}same"]),
+        helper.make_node("Not", [f"{p}same"], [f"{p}changes"]),
+        helper.make_node("NonZero", [f"{p}changes"], [f"{p}change_at"]),
+        helper.make_node("Reshape", [f"{p}change_at", f"{p}minus_one"], [f"{p}change_flat"]),
+        helper.make_node("Add", [f"{p}change_flat", f"{p}one"], [f"{p}starts"]),
+        helper.make_node("Concat", [f"{p}zero", f"{p}starts", f"{p}n"], [f"{p}cu_seqlens"], axis=0),
+    ]
+    return nodes, f"{p}cu_seqlens"
+
+
+def _segment_loop_nodes(node: onnx.NodeProto, cu_seqlens: str, trips: str, prefix: str) -> list[onnx.NodeProto]:
+    """``node`` (the placeholder) as a Loop over segments of unmasked MultiHeadAttention, concatenated."""
+    q, k, v = node.input[:3]
+    num_heads = next(a.i for a in node.attribute if a.name == "num_heads")
+    p = prefix
+    body_nodes = [
+        _const(f"{p}b_one", [1]), _const(f"{p}b_axis0", [0]),
+        helper.make_node("Unsqueeze", [f"{p}i", f"{p}b_axis0"], [f"{p}i1"]),
+        helper.make_node("Add", [f"{p}i1", f"{p}b_one"], [f"{p}i2"]),
+        helper.make_node("Gather", [cu_seqlens, f"{p}i1"], [f"{p}start"]),
+        helper.make_node("Gather", [cu_seqlens, f"{p}i2"], [f"{p}stop"]),
+    ]
+    sliced = []
+    for x in (q, k, v):
+        body_nodes += [
+            helper.make_node("Slice", [x, f"{p}start", f"{p}stop", f"{p}b_axis0"], [f"{p}{x}_seg"]),
+            helper.make_node("Unsqueeze", [f"{p}{x}_seg", f"{p}b_axis0"], [f"{p}{x}_seg3"]),
+        ]
+        sliced.append(f"{p}{x}_seg3")
+    body_nodes += [
+        # Default scale 1/sqrt(head_dim), as HF's VisionAttention.scaling.
+        helper.make_node("MultiHeadAttention", sliced, [f"{p}attended3"], domain="com.microsoft",
+                         num_heads=num_heads),
+        helper.make_node("Squeeze", [f"{p}attended3", f"{p}b_axis0"], [f"{p}attended"]),
+        helper.make_node("SequenceInsert", [f"{p}acc_in", f"{p}attended"], [f"{p}acc_out"]),
+        helper.make_node("Identity", [f"{p}cond_in"], [f"{p}cond_out"]),
+    ]
+    float_seq = helper.make_sequence_type_proto(helper.make_tensor_type_proto(TensorProto.FLOAT, None))
+    body = helper.make_graph(
+        body_nodes, f"{p}body",
+        [helper.make_tensor_value_info(f"{p}i", TensorProto.INT64, []),
+         helper.make_tensor_value_info(f"{p}cond_in", TensorProto.BOOL, []),
+         helper.make_value_info(f"{p}acc_in", float_seq)],
+        [helper.make_tensor_value_info(f"{p}cond_out", TensorProto.BOOL, []),
+         helper.make_value_info(f"{p}acc_out", float_seq)],
+    )
+    return [
+        helper.make_node("SequenceEmpty", [], [f"{p}acc0"], dtype=TensorProto.FLOAT),
+        helper.make_node("Loop", [trips, "", f"{p}acc0"], [f"{p}acc"], body=body),
+        helper.make_node("ConcatFromSequence", [f"{p}acc"], [node.output[0]], axis=0),
+    ]
+
+
+def _lower_segment_attention(model: onnx.ModelProto) -> None:
+    """Replace the trace's SegmentAttention placeholders by Loops over segments (in place)."""
+    graph = model.graph
+    placeholders = [n for n in graph.node if n.domain == _PLACEHOLDER_DOMAIN]
+    if not placeholders:
+        return
+    # Every block attends over the same segments: compute their bounds once.
+    nodes, cu_seqlens = _cu_seqlens_nodes(placeholders[0].input[3], "segments/")
+    nodes += [helper.make_node("Size", [cu_seqlens], ["segments/count_plus_one"]),
+              _const("segments/one_scalar_1d", [1]),
+              helper.make_node("Sub", ["segments/count_plus_one", "segments/one_scalar_1d"], ["segments/count_1d"]),
+              helper.make_node("Squeeze", ["segments/count_1d"], ["segments/count"])]
+    lowered: list[onnx.NodeProto] = []
+    for index, node in enumerate(graph.node):
+        if node.domain == _PLACEHOLDER_DOMAIN:
+            lowered += _segment_loop_nodes(node, cu_seqlens, "segments/count", f"attention{index}/")
+        else:
+            lowered.append(node)
+    # Topological order: the bounds need only a graph input, so they can go first.
+    del graph.node[:]
+    graph.node.extend(nodes + lowered)
+    kept = [o for o in model.opset_import if o.domain not in (_PLACEHOLDER_DOMAIN, "com.microsoft")]
+    del model.opset_import[:]
+    model.opset_import.extend([*kept, helper.make_opsetid("com.microsoft", 1)])
 
 
 def load_vision_tower(checkpoint_dir: str | Path) -> nn.Module:
@@ -129,8 +299,8 @@ def _uses_external_data(model: onnx.ModelProto) -> bool:
     )
 
 
-def _move_model(tmp_path: Path, out_path: Path) -> None:
-    """Move the exported model to ``out_path``.
+def _finish_model(tmp_path: Path, out_path: Path) -> None:
+    """Lower the trace's placeholders (``_lower_segment_attention``) and write the model to ``out_path``.
 
     Past the 2 GiB protobuf limit (the 2B tower is ~2.7 GB in fp32) the exporter
     writes one external file per weight; regroup them into ``<name>.data``.
@@ -138,8 +308,9 @@ def _move_model(tmp_path: Path, out_path: Path) -> None:
     data_path = out_path.with_name(out_path.name + ".data")
     data_path.unlink(missing_ok=True)  # onnx appends to an existing data file
     model = onnx.load(str(tmp_path), load_external_data=False)
+    _lower_segment_attention(model)
     if not _uses_external_data(model):
-        shutil.move(tmp_path, out_path)
+        onnx.save_model(model, str(out_path))
         return
     onnx.load_external_data_for_model(model, str(tmp_path.parent))
     onnx.save_model(
@@ -151,12 +322,17 @@ def _move_model(tmp_path: Path, out_path: Path) -> None:
     )
 
 
-def export_vision_onnx(checkpoint_dir: str | Path, out_path: str | Path, opset: int = 17) -> Path:
-    """Export the checkpoint's vision tower to ``out_path`` and check it with onnx.checker."""
+def export_vision_onnx(
+    checkpoint_dir: str | Path, out_path: str | Path, opset: int = 17, attention: str = "segments"
+) -> Path:
+    """Export the checkpoint's vision tower to ``out_path`` and check it with onnx.checker.
+
+    ``attention``: "segments" for ONNX Runtime, "masked" for TensorRT (see the module docstring).
+    """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     visual = load_vision_tower(checkpoint_dir)
-    wrapper = VisionTowerForExport(visual).eval()
+    wrapper = VisionTowerForExport(visual, attention).eval()
     patches = {0: "num_patches"}
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, torch.no_grad():
         tmp_path = Path(tmp) / out_path.name
@@ -177,8 +353,9 @@ def export_vision_onnx(checkpoint_dir: str | Path, out_path: str | Path, opset: 
                 "segment_ids": patches,
                 OUTPUT_NAME: {0: "num_tokens"},
             },
+            custom_opsets={_PLACEHOLDER_DOMAIN: 1},
         )
-        _move_model(tmp_path, out_path)
+        _finish_model(tmp_path, out_path)
     # Path-based check: also valid for models stored with external data.
     onnx.checker.check_model(str(out_path), full_check=True)
     return out_path
@@ -189,9 +366,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("checkpoint_dir", type=Path)
     parser.add_argument("out_path", type=Path)
     parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--attention", choices=ATTENTION_MODES, default="segments",
+                        help="segments: ONNX Runtime (default); masked: TensorRT")
     args = parser.parse_args(argv)
     start = time.perf_counter()
-    path = export_vision_onnx(args.checkpoint_dir, args.out_path, args.opset)
+    path = export_vision_onnx(args.checkpoint_dir, args.out_path, args.opset, args.attention)
     print(f"wrote {path} in {time.perf_counter() - start:.1f}s")
 
 

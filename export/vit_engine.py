@@ -35,7 +35,8 @@ def cached_engine(checkpoint: Path, out: Path, precision: str, cache_dir: Path, 
         from export.vision_onnx import export_vision_onnx  # torch: only needed on a miss
 
         with tempfile.TemporaryDirectory() as tmp:
-            onnx_path = export_vision_onnx(checkpoint, Path(tmp) / "vit.onnx")
+            # TensorRT parses only the standard-op graph (see export.vision_onnx).
+            onnx_path = export_vision_onnx(checkpoint, Path(tmp) / "vit.onnx", attention="masked")
             build_trt_engine.build_engine(onnx_path, plan, profile, precision, workspace_gib)
 
     plan, built = EngineCache(cache_dir).get_or_build(key, build)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from openai_proxy.schemas import GenerationRequest, StrictModel, Usage
 
@@ -18,17 +18,43 @@ class TextPart(StrictModel):
 
 class ImageURL(StrictModel):
     url: str = Field(min_length=1)
-    detail: Literal["auto", "low", "high", "original"] = "auto"  # accepted; resolution is the server's
+    # "low": a small pixel budget unless max_pixels is set; the others: the server's limits.
+    detail: Literal["auto", "low", "high", "original"] = "auto"
+    # As DashInfer-VLM and vLLM users send them; the server clamps them into its own limits.
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
 
 
 class ImageURLPart(StrictModel):
     type: Literal["image_url"]
     image_url: ImageURL
+    # The same limits next to image_url, as some clients put them.
+    min_pixels: int | None = Field(None, ge=1)
+    max_pixels: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _limits_set_once(self) -> ImageURLPart:
+        for name in ("min_pixels", "max_pixels"):
+            if getattr(self, name) is not None and getattr(self.image_url, name) is not None:
+                raise ValueError(f"{name} is set both in image_url and next to it")
+        return self
+
+    def options(self) -> dict[str, int | str]:
+        """The resolution options this part sets, as the `vlm` model's image part takes them."""
+        options: dict[str, int | str] = {}
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self.image_url, name) or getattr(self, name)
+            if value is not None:
+                options[name] = value
+        if self.image_url.detail != "auto":
+            options["detail"] = self.image_url.detail
+        return options
 
 
 class VideoURL(StrictModel):
     url: str = Field(min_length=1)
     fps: float | None = Field(None, gt=0, le=60)
+    max_frames: int | None = Field(None, ge=1)  # the server clamps it to its own max_frames
 
 
 class VideoURLPart(StrictModel):

@@ -15,8 +15,9 @@ _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty
 def to_hf_messages(messages: Sequence[Message], default_video_fps: float) -> tuple[list[dict], list[str]]:
     """HF-form messages and the URLs of their images/videos, in the order the parts appear.
 
-    Images and videos are replaced by placeholders (`{"type": "image"}`); their bytes travel apart,
-    in the MEDIA input, in the same order.
+    Images and videos are replaced by placeholders (`{"type": "image"}`, with the part's own
+    resolution options, which the `vlm` model resolves); their bytes travel apart, in the MEDIA
+    input, in the same order.
     """
     hf_messages, urls = [], []
     for message in messages:
@@ -29,10 +30,13 @@ def to_hf_messages(messages: Sequence[Message], default_video_fps: float) -> tup
             if isinstance(part, TextPart):
                 content.append({"type": "text", "text": part.text})
             elif isinstance(part, ImageURLPart):
-                content.append({"type": "image"})
+                content.append({"type": "image", **part.options()})
                 urls.append(part.image_url.url)
             elif isinstance(part, VideoURLPart):
-                content.append({"type": "video", "fps": part.video_url.fps or default_video_fps})
+                video = {"type": "video", "fps": part.video_url.fps or default_video_fps}
+                if part.video_url.max_frames is not None:
+                    video["max_frames"] = part.video_url.max_frames
+                content.append(video)
                 urls.append(part.video_url.url)
         hf_messages.append({"role": role, "content": content})
     return hf_messages, urls

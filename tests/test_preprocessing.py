@@ -112,8 +112,14 @@ def source_index(frame: np.ndarray) -> int:
 def test_image_matches_hf(preprocessor, hf_processor, height, width, mode, fmt):
     data = encode(make_image(height, width, mode), fmt)
     pixel_values, grid_thw = preprocessor.image(decode_image(data))
-    # The reference converts the original-mode image itself.
-    expected = hf_processor(images=Image.open(io.BytesIO(data)), return_tensors="np")
+    # The reference gets the image flattened onto white, as vLLM's and qwen-vl-utils' loaders (and
+    # newer transformers releases' convert_to_rgb) do; transformers 5.19, which vLLM 0.32 accepts, still
+    # drops the alpha channel onto black.
+    original = Image.open(io.BytesIO(data))
+    if "A" in original.getbands() or original.info.get("transparency") is not None:
+        rgba = original.convert("RGBA")
+        original = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    expected = hf_processor(images=original.convert("RGB"), return_tensors="np")
     np.testing.assert_array_equal(grid_thw, expected["image_grid_thw"][0])
     np.testing.assert_allclose(pixel_values, expected["pixel_values"], rtol=0, atol=1e-6)
     assert pixel_values.dtype == np.float32 and grid_thw.dtype == np.int64

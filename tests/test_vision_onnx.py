@@ -30,6 +30,8 @@ GRIDS = {
     "two_images_of_different_sizes": [[1, 6, 10], [1, 4, 4]],
     "video": [[3, 6, 8]],
     "video_and_image": [[2, 4, 6], [1, 8, 4]],
+    # Past what dense [heads, N, N] scores would make cheap: attention must stay per segment and exact.
+    "image_of_10k_patches": [[1, 100, 100]],
 }
 
 
@@ -64,6 +66,14 @@ def onnx_path(checkpoint: Path, tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope="module")
+def masked_onnx_path(checkpoint: Path, tmp_path_factory) -> Path:
+    """The TensorRT export: same inputs, standard ops only."""
+    path = tmp_path_factory.mktemp("vit-masked") / "vit.onnx"
+    export_main([str(checkpoint), str(path), "--attention", "masked"])
+    return path
+
+
 def _pixels(grid: np.ndarray, visual: torch.nn.Module) -> np.ndarray:
     cfg = visual.config
     row = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size**2
@@ -95,6 +105,34 @@ def test_onnx_matches_torch_tower(onnx_path: Path, visual: torch.nn.Module, grid
     assert got.shape == expected.shape == (tokens, visual.config.hidden_size)
     assert np.abs(expected).max() > 0.1  # outputs are O(1), so ATOL is a tight bound
     assert np.abs(got - expected).max() < ATOL
+
+
+def test_attention_is_one_unmasked_multi_head_attention_per_segment(onnx_path: Path):
+    """No [heads, N, N] scores in the ONNX Runtime graph: every block loops over segments."""
+    model = onnx.load(str(onnx_path))
+    main_ops = [n.op_type for n in model.graph.node]
+    assert "Softmax" not in main_ops
+    loops = [n for n in model.graph.node if n.op_type == "Loop"]
+    assert len(loops) == 2  # the tiny tower's depth
+    for loop in loops:
+        body = next(a.g for a in loop.attribute if a.name == "body")
+        attention = [n for n in body.node if n.op_type == "MultiHeadAttention"]
+        # Three inputs: no key-padding mask or bias, which would send ORT to its N x N kernel.
+        assert [(n.domain, len(n.input)) for n in attention] == [("com.microsoft", 3)]
+
+
+@pytest.mark.parametrize("grid", ["two_images_of_different_sizes", "video_and_image"])
+def test_tensorrt_graph_matches_torch_tower(masked_onnx_path: Path, visual: torch.nn.Module, grid: str):
+    grid = np.array(GRIDS[grid], dtype=np.int64)
+    pixels = _pixels(grid, visual)
+    got = OnnxVisionEncoder(masked_onnx_path, intra_op_threads=1).encode(pixels, grid, visual.spatial_merge_size)
+    assert np.abs(got - _torch_embeds(visual, pixels, grid)).max() < ATOL
+
+
+def test_only_the_masked_graph_goes_to_tensorrt(onnx_path: Path, masked_onnx_path: Path):
+    with pytest.raises(ValueError, match="--attention masked"):
+        build_trt_engine.check_tensorrt_graph(onnx_path)
+    build_trt_engine.check_tensorrt_graph(masked_onnx_path)
 
 
 def test_wrong_positions_or_segments_would_fail_the_tolerance(onnx_path, visual):
@@ -179,10 +217,10 @@ def test_engine_build_without_tensorrt_or_gpu_exits_2(tmp_path):
 
 
 @pytest.mark.skipif(not _tensorrt_and_gpu(), reason="needs the tensorrt package and a CUDA GPU")
-def test_engine_build_on_gpu(onnx_path, visual, tmp_path):
+def test_engine_build_on_gpu(masked_onnx_path, visual, tmp_path):
     import tensorrt as trt
 
-    plan = build_trt_engine.build_engine(onnx_path, tmp_path / "vit.plan", (16, 64, 256), "fp32")
+    plan = build_trt_engine.build_engine(masked_onnx_path, tmp_path / "vit.plan", (16, 64, 256), "fp32")
     engine = trt.Runtime(trt.Logger(trt.Logger.WARNING)).deserialize_cuda_engine(plan.read_bytes())
     names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
     assert names == [*INPUT_NAMES, OUTPUT_NAME]

@@ -82,16 +82,23 @@ def test_parameters_override_settings(settings):
     assert changed.with_parameters(settings.parameters()) == settings
 
 
-def test_cache_key_covers_bytes_kind_fps_and_settings(settings):
-    key = settings.cache_key(b"image bytes", "image", None)
-    assert key == settings.cache_key(b"image bytes", "image", None)
+def test_cache_key_covers_bytes_the_part_s_options_and_settings(settings):
+    image = settings.resolve({"type": "image"})
+    key = settings.cache_key(b"image bytes", image)
+    assert key == settings.cache_key(b"image bytes", settings.resolve({"type": "image"}))
     others = {
-        settings.cache_key(b"image bytez", "image", None),
-        settings.cache_key(b"image bytes", "video", 2.0),
-        settings.cache_key(b"image bytes", "video", 1.0),
-        dataclasses.replace(settings, max_pixels=settings.max_pixels // 2).cache_key(b"image bytes", "image", None),
+        settings.cache_key(b"image bytez", image),
+        settings.cache_key(b"image bytes", settings.resolve({"type": "video", "fps": 2.0})),
+        settings.cache_key(b"image bytes", settings.resolve({"type": "video", "fps": 1.0})),
+        settings.cache_key(b"image bytes", settings.resolve({"type": "video", "fps": 2.0, "max_frames": 8})),
+        settings.cache_key(b"image bytes", settings.resolve({"type": "image", "max_pixels": 200704})),
+        settings.cache_key(b"image bytes", settings.resolve({"type": "image", "min_pixels": 200704})),
+        dataclasses.replace(settings, max_pixels=settings.max_pixels // 2).cache_key(b"image bytes", image),
     }
-    assert key not in others and len(others) == 4
+    assert key not in others and len(others) == 7
+    # What the ViT sees is the same, so the entry is too: a value over the server's limit is the limit.
+    over = settings.resolve({"type": "image", "max_pixels": settings.max_pixels * 4})
+    assert settings.cache_key(b"image bytes", over) == key
 
 
 def test_fps_for(settings):

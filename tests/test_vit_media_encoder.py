@@ -165,3 +165,32 @@ def test_bad_media_fail_every_request_that_waits_for_them(make_encoder, models):
     assert models.calls["preprocess"] == 1 and not encoder._running
     with pytest.raises(InvalidRequest, match="fps"):
         asyncio.run(encoder.encode([{"type": "video", "fps": 0}], [b"video"]))
+
+
+def reject_all(grids: list[np.ndarray]) -> None:
+    raise InvalidRequest(f"{len(grids)} grids: {[g.tolist() for g in grids]}")
+
+
+def test_admission_sees_every_grid_before_any_vit_call(make_encoder, models):
+    encoder = make_encoder(True)
+    cached, new = png_bytes(84, 56, seed=6), png_bytes(56, 112, seed=7)
+    asyncio.run(encoder.encode([IMAGE], [cached]))
+    models.calls.clear()
+    with pytest.raises(InvalidRequest, match=r"3 grids: \[\[1, 4, 6\], \[1, 8, 4\], \[1, 4, 6\]\]"):
+        asyncio.run(encoder.encode([IMAGE] * 3, [cached, new, cached], admit=reject_all))
+    assert models.calls == {"vit_cache": 2, "preprocess": 1}  # no vit call, nothing stored
+    assert not encoder._running
+
+
+def test_a_request_that_joined_a_rejected_one_still_gets_its_embeddings(make_encoder, models):
+    encoder, image = make_encoder(False), png_bytes(112, 112, seed=8)
+
+    async def both():
+        return await asyncio.gather(encoder.encode([IMAGE], [image], admit=reject_all),
+                                    encoder.encode([IMAGE], [image]), return_exceptions=True)
+
+    rejected, joined = asyncio.run(both())
+    assert isinstance(rejected, InvalidRequest)
+    assert joined[0].grid_thw.tolist() == [1, 8, 8] and len(joined[0].embeds) == 16
+    assert models.calls == {"preprocess": 2, "vit": 1}  # the joiner redid the rejected owner's work
+    assert not encoder._running

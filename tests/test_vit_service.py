@@ -132,7 +132,8 @@ def test_cached_embeddings_are_the_fresh_ones_bit_for_bit(stack, media_server, t
     fresh_text = chat(stack, messages)  # a miss: encoded, then stored
     assert chat(stack, messages) == fresh_text  # a hit
     preprocessor = VisionPreprocessor.from_pretrained(tiny_checkpoint)
-    key = preprocessor.media_settings().cache_key(data, "image", None)  # the session stack sets no overrides
+    settings = preprocessor.media_settings()  # the session stack sets no overrides
+    key = settings.cache_key(data, settings.resolve({"type": "image"}))
     cached = cached_embeddings(stack.triton, key)
     assert cached is not None
     np.testing.assert_array_equal(cached, encode_directly(stack, data, preprocessor.merge_size))

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from vlmserve.errors import InvalidRequest
+from vlmserve.media_settings import DECODE_VIDEO_PIXEL_LIMIT
 
 # PIL's own default limit (~89.5 MP, 1024**3 // 4 // 3): roughly a 9500x9500 photo.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -79,10 +80,10 @@ def decode_image(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) 
 
 
 def _convert_rgb(image: Image.Image) -> Image.Image:
-    """RGB the way transformers' ``image_transforms.convert_to_rgb`` does it.
+    """RGB the way vLLM's and qwen-vl-utils' image loaders (and newer transformers releases) make it.
 
     Transparent pixels are composited onto white (not PIL's default black), so
-    the model sees the same pixels as with the HF processor.
+    the model sees the same pixels as it does behind vLLM's own server.
     """
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
@@ -97,24 +98,29 @@ def decode_video(
     min_frames: int = FPS_MIN_FRAMES,
     max_frames: int = FPS_MAX_FRAMES,
     max_frame_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+    max_video_pixels: int = DECODE_VIDEO_PIXEL_LIMIT,
 ) -> VideoFrames:
     """Decode a video and sample ``fps`` frames per second like qwen-vl-utils.
 
     The source frame count is the number of frames actually decoded (as with
-    qwen-vl-utils' torchvision reader), not the container's claim.
+    qwen-vl-utils' torchvision reader), not the container's claim. The sampled
+    frames are held at the source size, so their pixels together are checked
+    against ``max_video_pixels`` on the header and packet count, before decoding.
     """
     if not data:
         raise MediaError("video data is empty")
     if not fps > 0:
         raise MediaError(f"video fps must be positive, got {fps}")
     try:
-        video_fps, total_frames = _probe(data, max_frame_pixels)
+        video_fps, total_frames, width, height = _probe(data, max_frame_pixels)
         indices = sample_indices(total_frames, video_fps, fps, min_frames, max_frames)
+        _check_sampled_size(len(indices), width, height, max_video_pixels)
         frames, decoded = _decode_selected(data, indices)
         if decoded != total_frames:
             # Some codecs/containers do not map one packet to one frame: resample with the true count.
             total_frames = decoded
             indices = sample_indices(total_frames, video_fps, fps, min_frames, max_frames)
+            _check_sampled_size(len(indices), width, height, max_video_pixels)
             frames, _ = _decode_selected(data, indices)
     except MediaError:
         raise
@@ -164,8 +170,16 @@ def _open_video_stream(container: av.container.InputContainer) -> av.VideoStream
     return stream
 
 
-def _probe(data: bytes, max_frame_pixels: int) -> tuple[float, int]:
-    """Average frame rate and number of video packets, without decoding."""
+def _check_sampled_size(frames: int, width: int, height: int, max_video_pixels: int) -> None:
+    if frames * width * height > max_video_pixels:
+        raise MediaError(
+            f"video is too large: {frames} sampled frames of {width}x{height} = {frames * width * height} pixels, "
+            f"the limit is {max_video_pixels}; ask for fewer frames (fps, max_frames)"
+        )
+
+
+def _probe(data: bytes, max_frame_pixels: int) -> tuple[float, int, int, int]:
+    """Average frame rate, number of video packets, frame width and height, without decoding."""
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = _open_video_stream(container)
         width, height = stream.codec_context.width, stream.codec_context.height
@@ -179,7 +193,7 @@ def _probe(data: bytes, max_frame_pixels: int) -> tuple[float, int]:
             raise MediaError("video has no usable frame rate")
         # Demuxing is cheap; it lets one decoding pass keep only the sampled frames.
         packets = sum(1 for packet in container.demux(stream) if packet.size)
-    return float(rate), packets
+    return float(rate), packets, width, height
 
 
 def _decode_selected(data: bytes, indices: np.ndarray) -> tuple[list[np.ndarray], int]:

@@ -1,29 +1,35 @@
 """The `vlm` model's media path: image/video bytes -> (grid_thw, embeddings), each distinct medium encoded once.
 
 For the media of one request:
-1. key every medium (content hash + kind + fps + media settings) and drop duplicates;
+1. key every medium (content hash + its own options, such as fps or max_pixels, resolved against the
+   media settings) and drop duplicates;
 2. join an encoding of the same key that this `vlm` instance is already running for another request;
-3. ask the shared `vit_cache` model for the rest (when the cache is on);
-4. preprocess the misses concurrently (decoding happens in the `preprocess` instances), pack them
-   into as few `vit` calls as the patch budget allows (`vlmserve.vit_packing`), run those calls
-   concurrently and store the results in the cache.
+3. ask the shared `vit_cache` model for the rest (when the cache is on), and preprocess the misses
+   concurrently (decoding happens in the `preprocess` instances);
+4. with every grid_thw known, let the caller admit or reject the request (its prompt length follows
+   from the grids) before any ViT work;
+5. pack the misses into as few `vit` calls as the patch budget allows (`vlmserve.vit_packing`), run
+   those calls concurrently and store the results in the cache.
 Runs inside tritonserver only (BLS calls).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlmserve.errors import INVALID_REQUEST_PREFIX, InvalidRequest
-from vlmserve.media_settings import MediaSettings
+from vlmserve.media_settings import OPTION_INPUTS, MediaSettings, MediumOptions
 from vlmserve.preprocessing import VisionPreprocessor
 from vlmserve.vit_packing import MAX_PATCHES_PER_CALL, pack_vit_calls, split_embeddings
+
+# Called with the grid_thw of every part, in order, before any ViT call; raises InvalidRequest to reject.
+Admission = Callable[[list[np.ndarray]], None]
 
 
 @dataclass(frozen=True)
@@ -35,9 +41,32 @@ class Encoded:
 
 @dataclass(frozen=True)
 class _Medium:
-    kind: str
-    fps: float | None
+    options: MediumOptions
     data: bytes
+
+
+@dataclass(frozen=True)
+class _Preprocessed:
+    pixels: np.ndarray
+    grid_thw: np.ndarray
+
+
+@dataclass
+class _Pending:
+    """An encoding one request runs and others may join: its grid comes first, its embeddings later."""
+
+    grid: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+    result: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+    def fail(self, exc: BaseException) -> None:
+        for future in (self.grid, self.result):
+            if not future.done():
+                future.set_exception(exc)
+                future.exception()  # nobody joining is not an "exception never retrieved"
+
+
+class _Abandoned(Exception):
+    """The request that ran an encoding stopped before its ViT call (rejected or cancelled): joiners redo it."""
 
 
 async def _infer(model: str, inputs: Mapping[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
@@ -71,68 +100,93 @@ class MediaEncoder:
         return cls(preprocessor.media_settings().with_parameters(params), preprocessor.merge_size,
                    int(params.get("vit_max_patches", MAX_PATCHES_PER_CALL)), params.get("vit_cache") == "true")
 
-    async def encode(self, parts: list[dict], media: list[bytes]) -> list[Encoded]:
-        """One Encoded per (part, bytes) pair, in order; InvalidRequest for media the user got wrong."""
+    async def encode(self, parts: list[dict], media: list[bytes], admit: Admission | None = None) -> list[Encoded]:
+        """One Encoded per (part, bytes) pair, in order; InvalidRequest for media the user got wrong.
+
+        ``admit`` sees every grid_thw once they are known and before any ViT call runs.
+        """
         keys, distinct = [], {}
         for part, data in zip(parts, media):
-            kind = part["type"]
-            fps = self.settings.fps_for(part.get("fps")) if kind == "video" else None
-            keys.append(self.settings.cache_key(data, kind, fps))
-            distinct.setdefault(keys[-1], _Medium(kind, fps, data))
-        joined = {key: self._running[key] for key in distinct if key in self._running}
-        own = {key: medium for key, medium in distinct.items() if key not in joined}
-        results = await self._encode_own(own) if own else {}
-        # shield: if this request goes away, the request that owns the encoding still gets it.
-        results.update(zip(joined, await asyncio.gather(*map(asyncio.shield, joined.values()))))
-        return [results[key] for key in keys]
+            options = self.settings.resolve(part)
+            keys.append(self.settings.cache_key(data, options))
+            distinct.setdefault(keys[-1], _Medium(options, data))
+        done: dict[str, Encoded] = {}
+        while True:
+            try:
+                await self._encode_into(done, {k: m for k, m in distinct.items() if k not in done}, keys, admit)
+                return [done[key] for key in keys]
+            except _Abandoned:
+                continue  # a request we joined went away first: encode the rest again, now as their owner
 
-    async def _encode_own(self, media: dict[str, _Medium]) -> dict[str, Encoded]:
-        loop = asyncio.get_running_loop()
-        futures = {key: loop.create_future() for key in media}
-        self._running.update(futures)
+    async def _encode_into(self, done: dict[str, Encoded], todo: dict[str, _Medium], keys: list[str],
+                           admit: Admission | None) -> None:
+        joined = {key: self._running[key] for key in todo if key in self._running}
+        own = {key: _Pending() for key in todo if key not in joined}
+        self._running.update(own)
+        shared = False  # whether a failure is the media's own (bad bytes, a failed call), which joiners share
         try:
-            encoded = await self._cached_or_run(media)
-            for key, future in futures.items():
-                future.set_result(encoded[key])
-            return encoded
-        except Exception as exc:
-            for future in futures.values():
-                future.set_exception(exc)  # requests that joined fail the same way
-                future.exception()  # ...and nobody joining is not an "exception never retrieved"
+            shared = True
+            ready = await self._prepare({key: todo[key] for key in own})
+            shared = False
+            for key, value in ready.items():
+                own[key].grid.set_result(value.grid_thw)
+            # shield: if this request goes away, the request that owns the encoding still gets it.
+            joined_grids = await asyncio.gather(*(asyncio.shield(p.grid) for p in joined.values()))
+            if admit is not None:
+                grids = {key: e.grid_thw for key, e in done.items()}
+                grids.update((key, value.grid_thw) for key, value in ready.items())
+                grids.update(zip(joined, joined_grids))
+                admit([grids[key] for key in keys])
+            shared = True
+            encoded = await self._finish(ready)
+            shared = False
+            for key, value in encoded.items():
+                own[key].result.set_result(value)
+            done.update(encoded)
+        except BaseException as exc:
+            for pending in own.values():
+                pending.fail(exc if shared and not isinstance(exc, asyncio.CancelledError) else _Abandoned())
             raise
         finally:
-            for key, future in futures.items():
-                future.cancel()  # no-op unless we were cancelled ourselves
+            for key in own:
                 del self._running[key]
+        done.update(zip(joined, await asyncio.gather(*(asyncio.shield(p.result) for p in joined.values()))))
 
-    async def _cached_or_run(self, media: dict[str, _Medium]) -> dict[str, Encoded]:
-        found: dict[str, Encoded] = {}
+    async def _prepare(self, media: dict[str, _Medium]) -> dict[str, Encoded | _Preprocessed]:
+        """Cache hits as they are, the misses preprocessed."""
+        found: dict[str, Encoded | _Preprocessed] = {}
         if self.use_cache:
             hits = await asyncio.gather(*map(self._lookup, media))
             found = {key: hit for key, hit in zip(media, hits) if hit is not None}
-        misses = {key: medium for key, medium in media.items() if key not in found}
-        if misses:
-            encoded = await self._run(misses)
-            found.update((e.key, e) for e in encoded)
-            if self.use_cache:
-                await asyncio.gather(*map(self._store, encoded))
+        misses = [key for key in media if key not in found]
+        found.update(zip(misses, await asyncio.gather(*(self._preprocess(media[key]) for key in misses))))
         return found
 
-    async def _run(self, media: dict[str, _Medium]) -> list[Encoded]:
-        pre = await asyncio.gather(*map(self._preprocess, media.values()))
-        pixels, grids = [p for p, _ in pre], [g for _, g in pre]
-        calls = pack_vit_calls(pixels, grids, self.merge_size, self.max_patches)
-        outputs = await asyncio.gather(*(_infer("vit", call, ["image_embeds"]) for call in calls))
-        embeds = split_embeddings([out["image_embeds"] for out in outputs], grids, self.merge_size)
-        return [Encoded(key, grid, e) for key, grid, e in zip(media, grids, embeds)]
+    async def _finish(self, ready: dict[str, Encoded | _Preprocessed]) -> dict[str, Encoded]:
+        """Embeddings of every entry: the preprocessed ones through packed `vit` calls, then into the cache."""
+        todo = {key: value for key, value in ready.items() if isinstance(value, _Preprocessed)}
+        encoded = {key: value for key, value in ready.items() if isinstance(value, Encoded)}
+        if todo:
+            grids = [value.grid_thw for value in todo.values()]
+            calls = pack_vit_calls([value.pixels for value in todo.values()], grids, self.merge_size,
+                                   self.max_patches)
+            outputs = await asyncio.gather(*(_infer("vit", call, ["image_embeds"]) for call in calls))
+            embeds = split_embeddings([out["image_embeds"] for out in outputs], grids, self.merge_size)
+            fresh = [Encoded(key, grid, e) for key, grid, e in zip(todo, grids, embeds)]
+            if self.use_cache:
+                await asyncio.gather(*map(self._store, fresh))
+            encoded.update((e.key, e) for e in fresh)
+        return encoded
 
-    async def _preprocess(self, medium: _Medium) -> tuple[np.ndarray, np.ndarray]:
+    async def _preprocess(self, medium: _Medium) -> _Preprocessed:
         inputs = {"MEDIA": np.asarray([medium.data], dtype=np.object_),
-                  "KIND": np.asarray([medium.kind], dtype=np.object_)}
-        if medium.fps is not None:
-            inputs["FPS"] = np.asarray([medium.fps], dtype=np.float32)
+                  "KIND": np.asarray([medium.options.kind], dtype=np.object_)}
+        for name, tensor in OPTION_INPUTS.items():
+            value = getattr(medium.options, name)
+            if value is not None:
+                inputs[tensor] = np.asarray([value], dtype=np.float32 if name == "fps" else np.int64)
         out = await _infer("preprocess", inputs, ["PIXEL_VALUES", "GRID_THW"])
-        return out["PIXEL_VALUES"], out["GRID_THW"].reshape(3)
+        return _Preprocessed(out["PIXEL_VALUES"], out["GRID_THW"].reshape(3))
 
     async def _lookup(self, key: str) -> Encoded | None:
         out = await _infer("vit_cache", {"KEY": _key_tensor(key)}, ["FOUND", "EMBEDS", "GRID_THW"])

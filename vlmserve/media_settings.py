@@ -2,7 +2,9 @@
 
 The `preprocess` model applies these settings and the `vlm` model keys the ViT embedding cache on
 them, so both resolve them the same way: the checkpoint's processor values, overridden by the
-model parameters the repository generator wrote (the same ones into both configs).
+model parameters the repository generator wrote (the same ones into both configs). An image or
+video part may ask for less or other (min/max_pixels, detail, fps, max_frames): `resolve` clamps
+that into these limits, and the result is part of the cache key.
 """
 
 from __future__ import annotations
@@ -15,13 +17,24 @@ from dataclasses import dataclass
 
 from vlmserve.errors import InvalidRequest
 
-# The exported ViT attends over all patches of a call at once (an N x N score matrix per head), so
-# one image is capped at this many patches unless the deployment asks for more (max_pixels).
+# One image is capped at this many patches unless the deployment asks for more (max_pixels): attention
+# time grows with the square of a frame's patches, the ViT's memory linearly
+# (vlmserve.vit_packing.vit_memory_bound), and the TensorRT graph's masked attention with the square.
 MAX_PATCHES_PER_IMAGE = 16384
 # Decoded-size guard of the preprocess model, checked on the header before any pixel is decoded.
 DECODE_PIXEL_LIMIT = 64_000_000
+# Sampled video frames are held at their source size until they are resized, so their total is
+# bounded before decoding: the most frames (768) of a 720p video, 2 GiB of RGB.
+DECODE_VIDEO_PIXEL_LIMIT = 768 * 1280 * 720
 DEFAULT_VIDEO_FPS = 2.0  # qwen-vl-utils' default sampling rate
 MAX_VIDEO_FPS = 60.0
+# An image part with `detail: "low"` and no max_pixels gets at most 256 visual tokens (28 x 28 pixels
+# each on Qwen2-VL): about 448x448, close to the 512x512 OpenAI scales low-detail images to, and like
+# OpenAI's low detail a small fixed ceiling on what one image costs.
+LOW_DETAIL_MAX_PIXELS = 256 * 28 * 28
+DETAILS = ("auto", "low", "high", "original")
+# Frames are encoded in pairs (the ViT's temporal patch size), so fewer than two make no input.
+MIN_FRAMES = 2
 
 
 def capped_max_pixels(max_pixels: int, patch_size: int) -> int:
@@ -41,6 +54,8 @@ class MediaSettings:
     max_frames: int
     video_fps: float = DEFAULT_VIDEO_FPS  # when a request names no fps
     max_image_pixels: int = DECODE_PIXEL_LIMIT
+    max_video_pixels: int = DECODE_VIDEO_PIXEL_LIMIT  # sampled frames x source frame pixels
+    low_detail_max_pixels: int = LOW_DETAIL_MAX_PIXELS
 
     def with_parameters(self, params: Mapping[str, str]) -> MediaSettings:
         """These settings with the fields named in ``params`` (model parameters, strings) replaced."""
@@ -63,10 +78,74 @@ class MediaSettings:
             raise InvalidRequest(f"video fps must be in (0, {MAX_VIDEO_FPS:g}], got {fps}")
         return fps
 
-    def cache_key(self, data: bytes, kind: str, fps: float | None) -> str:
+    def frames_for(self, requested: object) -> int:
+        """A video part's ``max_frames`` (None: the server's), at most the server's max_frames."""
+        frames = _count("max_frames", requested)
+        if frames is None:
+            return self.max_frames
+        if frames < MIN_FRAMES:
+            raise InvalidRequest(f"max_frames must be at least {MIN_FRAMES} (frames are encoded in pairs), "
+                                 f"got {frames}")
+        return min(frames, self.max_frames)
+
+    def pixels_for(self, min_pixels: object, max_pixels: object, detail: object = None) -> tuple[int, int]:
+        """An image part's (min_pixels, max_pixels): the request's, each clamped into the server's range.
+
+        ``detail`` "low" stands for ``low_detail_max_pixels`` when the part sets no max_pixels; a part
+        whose min_pixels exceeds its max_pixels is an InvalidRequest.
+        """
+        low, high = _count("min_pixels", min_pixels), _count("max_pixels", max_pixels)
+        if detail is not None and detail not in DETAILS:
+            raise InvalidRequest(f"detail must be one of {', '.join(DETAILS)}, got {detail!r}")
+        if high is None and detail == "low":
+            high = self.low_detail_max_pixels
+        if low is not None and high is not None and low > high:
+            raise InvalidRequest(f"min_pixels ({low}) exceeds max_pixels ({high})")
+
+        def clamp(value: int | None, default: int) -> int:
+            return min(max(default if value is None else value, self.min_pixels), self.max_pixels)
+
+        return clamp(low, self.min_pixels), clamp(high, self.max_pixels)
+
+    def resolve(self, part: Mapping[str, object]) -> MediumOptions:
+        """What an image/video part (of the `vlm` model's messages) asks for, within these settings."""
+        kind = part.get("type")
+        if kind == "image":
+            min_pixels, max_pixels = self.pixels_for(part.get("min_pixels"), part.get("max_pixels"), part.get("detail"))
+            return MediumOptions(kind, min_pixels=min_pixels, max_pixels=max_pixels)
+        if kind == "video":
+            return MediumOptions(kind, fps=self.fps_for(part.get("fps")),
+                                 max_frames=self.frames_for(part.get("max_frames")))
+        raise InvalidRequest(f"unknown media kind {kind!r}")
+
+    def cache_key(self, data: bytes, options: MediumOptions) -> str:
         """Identifies the ViT output for these media bytes: content hash plus everything that shapes the input."""
-        header = json.dumps([kind, fps, dataclasses.asdict(self)], sort_keys=True).encode()
+        header = json.dumps([dataclasses.asdict(options), dataclasses.asdict(self)], sort_keys=True).encode()
         digest = hashlib.sha256(header)
         digest.update(b"\0")
         digest.update(data)
         return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class MediumOptions:
+    """One image or video part's own settings, resolved against the server's (None: not for this kind)."""
+
+    kind: str
+    fps: float | None = None
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+    max_frames: int | None = None
+
+
+# The `preprocess` model's optional input for each MediumOptions field (FPS is FP32, the rest INT64).
+OPTION_INPUTS = {"fps": "FPS", "min_pixels": "MIN_PIXELS", "max_pixels": "MAX_PIXELS", "max_frames": "MAX_FRAMES"}
+
+
+def _count(name: str, value: object) -> int | None:
+    """A positive whole number a request set (None when unset); InvalidRequest otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise InvalidRequest(f"{name} must be a positive integer, got {value!r}")
+    return value

@@ -1,12 +1,13 @@
-"""Packing the media of one request into as few ViT calls as a patch budget allows, and unpacking.
+"""Packing the media of one request into as few ViT calls as a patch budget allows, unpacking, and the
+memory a call may take.
 
 Why the `vlm` model batches instead of Triton: the ViT's patch dimension is ragged, and Triton
 batches ragged inputs of a TensorRT plan only as flattened 1-D tensors and scatters outputs only in
 the shape of an input (a call returns a quarter as many rows as it gets). Here each call's
 ``segment_ids`` are numbered from 0 instead. Every temporal frame of every medium is its own
 attention segment, so a call may hold any run of whole frames: a long video is split over several
-calls and small images share one, with results identical to encoding each medium alone. The
-budget bounds a call's N x N attention; calls run concurrently on however many `vit` instances.
+calls and small images share one, with results identical to encoding each medium alone. Calls run
+concurrently on however many `vit` instances.
 """
 
 from __future__ import annotations
@@ -17,16 +18,34 @@ import numpy as np
 
 from vlmserve.vision_inputs import vision_position_ids
 
-# The masked attention costs (patches in the call)^2 however the segments split them, so packing k
-# media multiplies their attention work by about k. In the Qwen2-VL tower (32 blocks of width 1280,
+# The TensorRT graph's masked attention costs (patches in the call)^2 however the segments split them, so
+# packing k media multiplies their attention work by about k. In the Qwen2-VL tower (32 blocks of width 1280,
 # the same for 2B/7B/72B) the linear layers cost ~1.3 GFLOP per patch and attention ~0.16 MFLOP per
 # patch per patch in the call: at 4096 patches attention is about a third of the work, so packing
 # small media up to here buys fewer, fuller calls cheaply; larger media go alone.
 MAX_PATCHES_PER_CALL = 4096
-# A CPU is busy with one image already, so packing buys only the saved per-call overhead and pays
-# the extra attention in full: on the 2-core VM, 2 x 448px images per request took 0.13 s to the
-# first token at 256, 0.14 s at 1024 and 0.16 s at 4096; 8 x 112px 0.045 s at 256, 0.056 s unpacked.
+# The ONNX Runtime graph attends per segment, so packing costs no attention there, but it buys little
+# either: a CPU is busy with one image already. 1 thread, a tower of width 256, depth 8: 16 x 64-patch
+# images 0.137 s alone, 0.119 s packed by 256, 0.120 s by 4096; 8 x 256 patches 0.25 s alone or by 1024,
+# 0.29 s by 4096; 4 x 1024 patches 0.70 s alone, 0.85 s in one call.
 CPU_MAX_PATCHES_PER_CALL = 256
+
+# A CPU `vit` process (Triton's Python stub, numpy, ONNX Runtime) before its first call: 66 MB measured
+# with the tiny tower; the rest is headroom for allocator and thread-pool slack.
+VIT_PROCESS_BASE_BYTES = 400 * 2**20
+
+
+def vit_memory_bound(max_call_patches: int, patch_row: int, embed_dim: int, weight_bytes: int) -> int:
+    """Upper bound of a CPU `vit` process's peak RSS in bytes, for calls of at most ``max_call_patches``.
+
+    With attention per segment (export/vision_onnx.py) nothing grows with the square of the patches:
+    per patch, the float32 input three times (Triton's copy, ours, ONNX Runtime's) and at most 16
+    activations of ``embed_dim`` floats alive at once; the weights twice (file bytes and the session's
+    copy while it loads). ``max_call_patches`` is the larger of the packing budget and one frame at
+    max_pixels (a larger frame goes alone), so the bound grows linearly with max_pixels.
+    """
+    per_patch = 4 * (3 * patch_row + 16 * embed_dim)
+    return VIT_PROCESS_BASE_BYTES + 2 * weight_bytes + max_call_patches * per_patch
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,8 @@
 
 Decoding runs here, in this model's own instances, so it never competes with the LLM's thread or
 blocks the `vlm` event loop. Limits (min/max_pixels, video_min/max/total_pixels, max_frames,
-video_fps, max_image_pixels) are model parameters over the checkpoint's values; see
+video_fps, max_image_pixels, max_video_pixels) are model parameters over the checkpoint's values, and
+a request's own options (FPS, MIN_PIXELS, MAX_PIXELS, MAX_FRAMES inputs) are clamped into them; see
 `vlmserve.media_settings`. The `vlm` model packs several media into one `vit` call, so attention
 segments and rotary positions are built there.
 """
@@ -10,8 +11,8 @@ segments and rotary positions are built there.
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlmserve.errors import InvalidRequest
 from vlmserve.media import decode_image, decode_video
+from vlmserve.media_settings import OPTION_INPUTS
 from vlmserve.preprocessing import VideoPixelLimits, VisionPreprocessor
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
 
@@ -36,18 +37,21 @@ class TritonPythonModel:
 
     def _run(self, request) -> list:
         data = required_input(request, "MEDIA").reshape(-1)[0]
-        kind = required_input(request, "KIND").reshape(-1)[0].decode()
+        part = {"type": required_input(request, "KIND").reshape(-1)[0].decode()}
+        for name, tensor in OPTION_INPUTS.items():
+            value = optional_input(request, tensor)
+            if value is not None:
+                part[name] = value.reshape(-1)[0].item()
         s = self.settings
-        if kind == "image":
+        # The `vlm` model sends options it resolved already; resolving again keeps direct callers within limits.
+        options = s.resolve(part)
+        if options.kind == "image":
             image = decode_image(data, max_image_pixels=s.max_image_pixels)
-            pixels, grid = self.preprocessor.image(image, s.min_pixels, s.max_pixels)
-        elif kind == "video":
-            fps = optional_input(request, "FPS")
-            fps = s.fps_for(None if fps is None else float(fps.reshape(-1)[0]))
-            video = decode_video(data, fps=fps, max_frames=s.max_frames, max_frame_pixels=s.max_image_pixels)
-            pixels, grid = self.preprocessor.video(video.frames)
+            pixels, grid = self.preprocessor.image(image, options.min_pixels, options.max_pixels)
         else:
-            raise InvalidRequest(f"unknown media kind {kind!r}")
+            video = decode_video(data, fps=options.fps, max_frames=options.max_frames,
+                                 max_frame_pixels=s.max_image_pixels, max_video_pixels=s.max_video_pixels)
+            pixels, grid = self.preprocessor.video(video.frames)
         return [
             pb_utils.Tensor("PIXEL_VALUES", np.ascontiguousarray(pixels, dtype=np.float32)),
             pb_utils.Tensor("GRID_THW", np.asarray(grid, dtype=np.int64)),
