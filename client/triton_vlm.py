@@ -29,6 +29,19 @@ class InvalidRequestError(TritonError):
     """The model rejected the request itself (bad media, bad sampling, prompt too long)."""
 
 
+class UnavailableError(TritonError):
+    """A model, or the server, is down or coming back (a backend process died and is being reloaded, the
+    server restarts or stops): the same request may succeed later."""
+
+
+# How Triton 2.51 words it when a model that a request reaches (`vlm`, or one that `vlm` calls) has a dead
+# backend process, is being unloaded or loaded again, or the server is stopping.
+_UNAVAILABLE_MARKERS = ("is not healthy", "is not ready", "Request for unknown model", "has no available versions",
+                        "Server is stopping", "Server not ready")
+# gRPC statuses of a server that cannot be reached or went away mid-stream.
+_UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+
+
 @dataclass(frozen=True)
 class GenerationChunk:
     """One streamed response: a text delta and the counts so far."""
@@ -49,7 +62,19 @@ def _error(message: str) -> TritonError:
     # Model errors reach us wrapped in Triton's own text; the marker may sit anywhere in it.
     if INVALID_REQUEST_PREFIX in message:
         return InvalidRequestError(message.split(INVALID_REQUEST_PREFIX, 1)[1])
+    if any(marker in message for marker in _UNAVAILABLE_MARKERS):
+        return UnavailableError(message)
     return TritonError(message)
+
+
+def _transport_error(exc: grpc.RpcError | InferenceServerException) -> TritonError:
+    if isinstance(exc, grpc.RpcError):
+        unreachable, message = exc.code() in _UNAVAILABLE_CODES, exc.details()
+    else:
+        unreachable, message = exc.status() in {str(code) for code in _UNAVAILABLE_CODES}, exc.message()
+    if unreachable or isinstance(_error(message), UnavailableError):
+        return UnavailableError(f"Triton is unavailable: {message}")
+    return TritonError(f"Triton stream failed: {message}")
 
 
 def _chunk(result: grpcclient.InferResult) -> GenerationChunk | None:
@@ -134,8 +159,7 @@ class TritonVLMClient:
                 if _is_final(result):
                     break
         except (grpc.RpcError, InferenceServerException) as exc:
-            message = exc.details() if isinstance(exc, grpc.RpcError) else exc.message()
-            raise TritonError(f"Triton stream failed: {message}") from exc
+            raise _transport_error(exc) from exc
         finally:
             responses.cancel()  # a no-op after a normal end; stops generation when the consumer went away
         if not finished:

@@ -9,10 +9,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 
-from client.triton_vlm import InvalidRequestError, TritonError
+from client.triton_vlm import InvalidRequestError, TritonError, UnavailableError
 from openai_proxy.media_fetch import MediaFetchError
 
 logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = "5"  # seconds: a model process comes back in a few (vLLM's `llm` in some tens)
 
 
 class APIError(Exception):
@@ -46,6 +48,11 @@ def to_api_error(exc: Exception) -> APIError:
         return APIError(400, exc.message, param="messages")
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc))
+    if isinstance(exc, UnavailableError):
+        # The supervisor brings the model back within seconds; `/health` says not-ready until then.
+        logger.warning("Triton unavailable: %s", exc)
+        return APIError(503, "the model is restarting; retry the request", code="model_unavailable",
+                        headers={"Retry-After": RETRY_AFTER_S})
     if isinstance(exc, TritonError):
         logger.error("Triton request failed: %s", exc)
         return APIError(500, f"inference failed: {exc}")

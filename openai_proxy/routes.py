@@ -8,7 +8,7 @@ from fastapi.responses import JSONResponse
 from client.triton_vlm import TritonVLMClient
 from openai_proxy.chat_schemas import ChatCompletionRequest
 from openai_proxy.completion_schemas import DEFAULT_MAX_TOKENS, CompletionRequest
-from openai_proxy.errors import APIError
+from openai_proxy.errors import RETRY_AFTER_S, APIError
 from openai_proxy.generation import run_generation
 from openai_proxy.media_fetch import MediaFetcher
 from openai_proxy.messages import sampling_params, to_hf_messages
@@ -82,8 +82,9 @@ async def models(request: Request, settings: Settings = Depends(settings_of)) ->
 
 @router.get("/health")
 async def health(triton: TritonVLMClient = Depends(triton_client)) -> JSONResponse:
-    ready = await triton.is_ready()
-    return JSONResponse({"status": "ok" if ready else "unavailable"}, status_code=200 if ready else 503)
+    if await triton.is_ready():
+        return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "unavailable"}, status_code=503, headers={"Retry-After": RETRY_AFTER_S})
 
 
 @router.get("/metrics")

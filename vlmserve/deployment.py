@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -10,8 +11,12 @@ from pathlib import Path
 
 from export.generate_repository import RepositoryOptions, generate_repository
 from export.vision_onnx import export_vision_onnx
-from vlmserve.processes import stop_process, wait_healthy
-from vlmserve.triton_server import REPO_ROOT, TritonPorts, TritonServer, triton_environment
+from vlmserve.lifecycle import Deployment
+from vlmserve.processes import open_log, stop_process, wait_healthy
+from vlmserve.supervisor import Supervisor
+from vlmserve.triton_server import REPO_ROOT, ServerExited, TritonPorts, TritonServer, triton_environment
+
+logger = logging.getLogger(__name__)
 
 
 def prepare_cpu_repository(checkpoint: Path, workdir: Path, **options) -> Path:
@@ -33,6 +38,7 @@ class ProxyProcess:
     model_name: str
     log_path: Path | None = None
     extra_args: Sequence[str] = ()
+    deployment: Deployment | None = None
     process: subprocess.Popen | None = None
 
     @property
@@ -40,11 +46,13 @@ class ProxyProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout_s: float = 60.0) -> None:
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "openai_proxy", "--triton-url", self.triton_grpc_url, "--host", "127.0.0.1",
-             "--port", str(self.port), "--served-model-name", self.model_name, *self.extra_args],
-            cwd=REPO_ROOT, env=triton_environment(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = triton_environment()
+        with open_log(self.log_path) as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "openai_proxy", "--triton-url", self.triton_grpc_url, "--host", "127.0.0.1",
+                 "--port", str(self.port), "--served-model-name", self.model_name, *self.extra_args],
+                cwd=REPO_ROOT, env=self.deployment.environment(env) if self.deployment else env, stdout=log,
+                stderr=subprocess.STDOUT, start_new_session=True)
         wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", timeout_s, "proxy", self.log_path)
 
     def stop(self, timeout_s: float = 40.0) -> None:
@@ -52,32 +60,70 @@ class ProxyProcess:
         stop_process(self.process, timeout_s)
 
 
+START_ATTEMPTS = 3
+# Time tritonserver gets to exit on SIGTERM in `Stack.stop`, once the proxy has drained: then it is killed.
+TRITON_STOP_S = 3.0
+
+
 @dataclass
 class Stack:
-    """tritonserver with our repository plus the proxy in front of it."""
+    """tritonserver with our repository plus the proxy in front of it, one deployment (see `lifecycle`).
+
+    While it runs, a supervisor brings back any model process that dies, or the server. A start first
+    removes whatever an earlier run in the same work directory left; a stop leaves no process and no
+    shm region of the deployment behind.
+    """
 
     triton: TritonServer
     proxy: ProxyProcess
+    deployment: Deployment
+    proxy_stop_s: float = 40.0  # the proxy's grace period plus a margin; then it is killed
+    supervisor: Supervisor | None = None
 
     @classmethod
     def create(cls, repository: Path, workdir: Path, model_name: str, ports: TritonPorts, proxy_port: int,
-               proxy_args: Sequence[str] = ()) -> "Stack":
-        triton = TritonServer(repository, workdir / "tritonserver", ports, log_path=workdir / "tritonserver.log")
+               proxy_args: Sequence[str] = (), proxy_stop_s: float = 40.0) -> Stack:
+        deployment = Deployment.of(workdir)
+        triton = TritonServer(repository, workdir / "tritonserver", ports, log_path=workdir / "tritonserver.log",
+                              deployment=deployment)
         proxy = ProxyProcess(triton.grpc_url, proxy_port, model_name, log_path=workdir / "proxy.log",
-                             extra_args=proxy_args)
-        return cls(triton, proxy)
+                             extra_args=proxy_args, deployment=deployment)
+        return cls(triton, proxy, deployment, proxy_stop_s)
 
     def start(self) -> None:
-        self.triton.start()
+        self.deployment.remove_all()
         try:
+            self._start_triton()
             self.proxy.start()
-        except Exception:
-            self.triton.stop()
+        except BaseException:  # a Ctrl-C during the start too
+            self.stop()
             raise
+        self.supervisor = Supervisor(self.triton, keep=lambda: [self.proxy.process.pid])
+        self.supervisor.start()
+
+    def _start_triton(self) -> None:
+        # Seen under heavy load: tritonserver aborts (boost lock_exception) while several stubs initialize
+        # at once. The supervisor restarts a running server that dies; a start gets the same second chance.
+        for attempt in range(START_ATTEMPTS):
+            try:
+                self.triton.start()
+                return
+            except ServerExited:
+                if attempt == START_ATTEMPTS - 1:
+                    raise
+                logger.exception("tritonserver died while starting; starting it again")
+                self.triton.kill()
 
     def running(self) -> bool:
-        return all(p is not None and p.poll() is None for p in (self.triton.process, self.proxy.process))
+        """The proxy and the supervisor run (the supervisor brings tritonserver back if it dies)."""
+        return (self.proxy.process is not None and self.proxy.process.poll() is None
+                and self.supervisor is not None and self.supervisor.running())
 
     def stop(self) -> None:
-        self.proxy.stop()
-        self.triton.stop()
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        self.proxy.stop(self.proxy_stop_s)
+        self.triton.stop(TRITON_STOP_S)
+        if self.supervisor is not None:
+            self.supervisor.join(TRITON_STOP_S)
+        self.deployment.remove_all()  # what left the server's process group (a setsid) and the proxy's children

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -15,6 +18,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def open_log(path: Path | None) -> Iterator[IO[bytes] | int]:
+    """Where a child's output goes: appended to `path`, or nowhere. The child keeps its own copy of the file."""
+    if path is None:
+        yield subprocess.DEVNULL
+        return
+    with open(path, "ab") as log:
+        yield log
 
 
 def wait_healthy(process: subprocess.Popen, url: str, timeout_s: float, name: str, log_path: Path | None) -> None:

@@ -12,13 +12,16 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import httpx
 import tritonclient.grpc as grpcclient
 
-from vlmserve.processes import free_port, stop_process
+from vlmserve.lifecycle import Deployment, kill_and_wait, parent_pids
+from vlmserve.processes import free_port, open_log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,17 +75,43 @@ class TritonPorts:
         return cls(free_port(), free_port(), free_port())
 
 
+class ServerExited(RuntimeError):
+    """tritonserver exited while it was starting."""
+
+
+@dataclass(frozen=True)
+class StubInstance:
+    """One Python-backend stub process: the model instance it runs and its shared-memory region."""
+
+    model: str
+    pid: int
+    region: str
+
+
+# How long tritonserver may wait for requests in flight on SIGTERM: the proxy in front has drained them by then.
+EXIT_TIMEOUT_S = 2
+STUB_NAME = "triton_python_backend_stub"
+
+
 class TritonServer:
-    """A tritonserver child process bound to 127.0.0.1."""
+    """A tritonserver child process bound to 127.0.0.1, the leader of a process group of its own.
+
+    Models are loaded explicitly (all of them at start), so that one whose backend process died can be
+    unloaded and loaded again through the repository API while the others keep serving.
+    """
 
     def __init__(self, model_repository: Path, install_dir: Path, ports: TritonPorts, log_path: Path | None = None,
-                 extra_args: list[str] | None = None) -> None:
+                 extra_args: list[str] | None = None, deployment: Deployment | None = None) -> None:
         self.model_repository = model_repository
         self.install_dir = prepare_triton_install(install_dir)
         self.ports = ports
         self.log_path = log_path
         self.extra_args = extra_args or []
+        self.deployment = deployment or Deployment.of(install_dir)
         self.process: subprocess.Popen | None = None
+        # A supervisor may start the server again from its thread; once stopped, it must stay stopped.
+        self._lock = threading.Lock()
+        self._stopped = False
 
     @property
     def grpc_url(self) -> str:
@@ -101,14 +130,19 @@ class TritonServer:
             "--grpc-address=127.0.0.1", f"--grpc-port={self.ports.grpc}",
             "--metrics-address=127.0.0.1", f"--metrics-port={self.ports.metrics}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
-            "--exit-on-error=true",
+            "--exit-on-error=true", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
+            "--model-control-mode=explicit", "--load-model=*",
+            # Our own region names, so that a stop (or the next start) finds and removes exactly ours.
+            f"--backend-config=python,shm-region-prefix-name={self.deployment.shm_prefix}",
             *self.extra_args,
         ]
 
     def start(self, timeout_s: float = 300.0) -> None:
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL
-        self.process = subprocess.Popen(self.command(), env=triton_environment(), stdout=log,
-                                        stderr=subprocess.STDOUT, start_new_session=True)
+        with self._lock, open_log(self.log_path) as log:
+            if self._stopped:
+                raise RuntimeError("tritonserver was stopped")
+            self.process = subprocess.Popen(self.command(), env=self.deployment.environment(triton_environment()),
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:
@@ -117,7 +151,7 @@ class TritonServer:
         try:
             while time.monotonic() < deadline:
                 if self.process is not None and self.process.poll() is not None:
-                    raise RuntimeError(f"tritonserver exited with code {self.process.returncode}; see {self.log_path}")
+                    raise ServerExited(f"tritonserver exited with code {self.process.returncode}; see {self.log_path}")
                 try:
                     if client.is_server_ready():
                         return
@@ -128,5 +162,57 @@ class TritonServer:
             client.close()
         raise TimeoutError(f"tritonserver not ready after {timeout_s:.0f}s; see {self.log_path}")
 
-    def stop(self, timeout_s: float = 30.0) -> None:
-        stop_process(self.process, timeout_s)
+    def stop(self, timeout_s: float = 5.0) -> None:
+        """SIGTERM; after `timeout_s` kill what is left of the server's process group, then its shm regions."""
+        with self._lock:
+            self._stopped = True
+            if self.process is not None and self.process.poll() is None:
+                self.process.terminate()
+                try:
+                    self.process.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    pass
+            self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL the server and every process of its group (stubs, and what they started: vLLM's engine
+        core and workers keep the group), orphans included, then remove the server's shm regions."""
+        if self.process is None:
+            return
+        group = self.process.pid  # the group lives on, with this id, while any member does
+        kill_and_wait(pid for pid in parent_pids() if _process_group(pid) == group)
+        self.process.wait()
+        for region in self.deployment.regions():
+            region.unlink(missing_ok=True)
+
+    def stub_instances(self) -> dict[str, StubInstance]:
+        """Live Python-backend stubs of this server, by instance name ("vit_0_0")."""
+        if self.process is None:
+            return {}
+        instances = {}
+        for pid, ppid in parent_pids().items():
+            if ppid != self.process.pid:
+                continue
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")
+            except OSError:
+                continue
+            # argv: stub, <repository>/<model>/<version>/model.py, region, shm sizes, parent pid, ..., instance name
+            if argv[0].endswith(STUB_NAME) and len(argv) > 8:
+                instances[argv[8]] = StubInstance(Path(argv[1]).parent.parent.name, pid, argv[2])
+        return instances
+
+    def reload_model(self, name: str, timeout_s: float = 300.0) -> None:
+        """Unload `name` (the server reports not-ready meanwhile) and load it again, with new processes."""
+        base = f"http://127.0.0.1:{self.ports.http}/v2/repository/models/{name}"
+        for action in ("unload", "load"):
+            response = httpx.post(f"{base}/{action}", json={}, timeout=timeout_s)
+            if response.status_code != 200:
+                raise RuntimeError(f"{action} {name}: HTTP {response.status_code} {response.text}")
+
+
+def _process_group(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None

@@ -1,0 +1,235 @@
+"""A model process or tritonserver dies under light traffic: health says so within seconds, requests get 503
+(with Retry-After) and never 500, the stack comes back by itself; and no process or shm region of a
+deployment outlives it, whatever killed what (issue 14)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import itertools
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import httpx
+import pytest
+from PIL import Image
+
+from tests.conftest import running_stack
+from vlmserve.deployment import Stack
+from vlmserve.lifecycle import Deployment, descendants, parent_pids
+from vlmserve.processes import free_port
+from vlmserve.triton_server import REPO_ROOT
+
+NOT_READY_WITHIN_S = 5.0
+BACK_WITHIN_S = 60.0
+_colours = itertools.count(1)
+
+
+def _new_image_url() -> str:
+    """A PNG the stack has not seen, so that it is not a ViT cache hit."""
+    colour = next(_colours)
+    buffer = io.BytesIO()
+    Image.new("RGB", (56, 42), (colour % 251, colour // 251 % 251, 90)).save(buffer, "PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def _chat(stack: Stack, image: bool, timeout_s: float = 60.0) -> httpx.Response:
+    content = [{"type": "text", "text": "Describe it."}]
+    if image:
+        content.append({"type": "image_url", "image_url": {"url": _new_image_url()}})
+    body = {"model": "tiny-qwen2-vl", "max_tokens": 4, "messages": [{"role": "user", "content": content}]}
+    return httpx.post(f"{stack.proxy.base_url}/chat/completions", json=body, timeout=timeout_s)
+
+
+def _ready(stack: Stack) -> tuple[bool, bool]:
+    """(tritonserver's /v2/health/ready, the proxy's /health) are 200."""
+    answers = []
+    for url in (f"http://127.0.0.1:{stack.triton.ports.http}/v2/health/ready",
+                f"http://127.0.0.1:{stack.proxy.port}/health"):
+        try:
+            answers.append(httpx.get(url, timeout=5).status_code == 200)
+        except httpx.HTTPError:
+            answers.append(False)
+    return answers[0], answers[1]
+
+
+@dataclass
+class Traffic:
+    """Image and text requests, one at a time, from a thread, while the `with` block runs."""
+
+    stack: Stack
+    statuses: list[tuple[int, str | None, str]] = field(default_factory=list)  # (status, Retry-After, body)
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def _run(self) -> None:
+        for image in itertools.cycle((True, False)):
+            if self._stop.is_set():
+                return
+            try:
+                response = _chat(self.stack, image)
+                self.statuses.append((response.status_code, response.headers.get("retry-after"), response.text))
+            except httpx.HTTPError as exc:  # no answer at all counts as a failure too
+                self.statuses.append((0, None, repr(exc)))
+            time.sleep(0.2)
+
+    def __enter__(self) -> Traffic:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(90)
+
+
+def _recover(stack: Stack, kill) -> dict[str, float]:
+    """Kill something with `kill()` under traffic; check health, statuses and recovery; return timings."""
+    assert _ready(stack) == (True, True)
+    assert _chat(stack, image=True).status_code == 200
+    with Traffic(stack) as traffic:
+        time.sleep(1)
+        killed_at = time.monotonic()
+        kill()
+        not_ready_after = None
+        while time.monotonic() - killed_at < NOT_READY_WITHIN_S:
+            if _ready(stack) == (False, False):
+                not_ready_after = time.monotonic() - killed_at
+                break
+            time.sleep(0.05)
+        assert not_ready_after is not None, f"health still ready {NOT_READY_WITHIN_S}s after the kill"
+        back_after = None
+        while time.monotonic() - killed_at < BACK_WITHIN_S:
+            if _ready(stack) == (True, True) and _chat(stack, True, 10).status_code == 200 \
+                    and _chat(stack, False, 10).status_code == 200:
+                back_after = time.monotonic() - killed_at
+                break
+            time.sleep(0.5)
+        assert back_after is not None, f"not serving again {BACK_WITHIN_S}s after the kill"
+        time.sleep(1)
+    failures = [s for s in traffic.statuses if s[0] not in (200, 503)]
+    assert not failures, failures[:3]
+    unavailable = [s for s in traffic.statuses if s[0] == 503]
+    assert all(retry_after for _, retry_after, _ in unavailable), unavailable[:3]
+    assert any(s[0] == 200 for s in traffic.statuses[-2:]), traffic.statuses[-2:]
+    return {"not_ready_s": not_ready_after, "back_s": back_after, "503s": len(unavailable),
+            "requests": len(traffic.statuses)}
+
+
+def _stub_pid(stack: Stack, model: str) -> int:
+    return next(stub.pid for stub in stack.triton.stub_instances().values() if stub.model == model)
+
+
+def _strays(stack: Stack) -> set[int]:
+    """Processes of the deployment that are neither tritonserver's nor the proxy's, nor below them."""
+    parents = parent_pids()
+    owned = descendants(stack.triton.process.pid, parents) | descendants(stack.proxy.process.pid, parents)
+    return stack.deployment.pids() - owned
+
+
+def _assert_clean_while_running(stack: Stack) -> None:
+    assert not _strays(stack)
+    regions = {region.name for region in stack.deployment.regions()}
+    in_use = {stub.region for stub in stack.triton.stub_instances().values()}
+    assert regions and regions <= in_use, regions - in_use
+
+
+@pytest.fixture(scope="module")
+def native_recovery_stack(tiny_checkpoint, tmp_path_factory) -> Iterator[Stack]:
+    with running_stack(tiny_checkpoint, tmp_path_factory.mktemp("deploy-recovery"), "native") as running:
+        yield running
+
+
+@pytest.mark.parametrize("model", ["vit", "preprocess", "vit_cache", "vlm", "llm"])
+def test_a_killed_model_process_comes_back(native_recovery_stack, model):
+    stack = native_recovery_stack
+    timings = _recover(stack, lambda: os.kill(_stub_pid(stack, model), signal.SIGKILL))
+    print(model, timings)
+    _assert_clean_while_running(stack)
+
+
+def test_a_killed_tritonserver_comes_back_without_what_it_left(native_recovery_stack):
+    stack = native_recovery_stack
+    old_group = descendants(stack.triton.process.pid, parent_pids())
+    old_regions = set(stack.deployment.regions())
+    timings = _recover(stack, lambda: os.kill(stack.triton.process.pid, signal.SIGKILL))
+    print("tritonserver", timings)
+    assert not old_group & parent_pids().keys()
+    assert not old_regions & set(stack.deployment.regions())
+    _assert_clean_while_running(stack)
+
+
+def test_vllm_llm_killed_comes_back_and_its_engine_processes_go(tiny_checkpoint, tmp_path):
+    """vLLM's EngineCore and worker outlive a killed `llm` stub unless killed; then a start in the same work
+    directory after a `kill -9` of tritonserver (and of what supervised it) removes everything left."""
+    workdir = tmp_path / "deploy"
+    with running_stack(tiny_checkpoint, workdir, "vllm") as stack:
+        llm = _stub_pid(stack, "llm")
+        engine = descendants(llm, parent_pids()) - {llm}
+        assert engine, "vLLM's engine core should run below the llm stub"
+        timings = _recover(stack, lambda: os.kill(llm, signal.SIGKILL))
+        print("vllm llm", timings)
+        assert not engine & parent_pids().keys()
+        _assert_clean_while_running(stack)
+
+        stack.supervisor.stop()  # as if what supervised the stack died with tritonserver
+        stack.supervisor.join(5)
+        os.kill(stack.triton.process.pid, signal.SIGKILL)
+        stack.triton.process.wait()
+        time.sleep(1)
+        left = stack.deployment.pids()
+        assert left - {stack.proxy.process.pid} and stack.deployment.regions(), "the kill should leave something"
+        with running_stack(tiny_checkpoint, workdir, "native") as again:
+            assert not left & parent_pids().keys()
+            _assert_clean_while_running(again)
+        assert not again.deployment.pids() and not again.deployment.regions()
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_ctrl_c_on_serve_frees_every_port_within_10s_and_leaves_nothing(tiny_checkpoint, tmp_path):
+    ports = {"--port": free_port(), "--grpc-port": free_port(), "--metrics-port": free_port(),
+             "--http-port": free_port()}
+    command = [sys.executable, "-m", "vlmserve.serve", "--checkpoint", str(tiny_checkpoint), "--workdir",
+               str(tmp_path), "--llm-engine", "native", *itertools.chain(*((k, str(v)) for k, v in ports.items()))]
+    log = tmp_path / "serve.log"
+    deployment = Deployment.of(tmp_path / "deploy" / tiny_checkpoint.name)
+    with open(log, "wb") as out:
+        serve = subprocess.Popen(command, cwd=REPO_ROOT, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 300
+        while "OpenAI API" not in log.read_text() and serve.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert serve.poll() is None and all(_listening(port) for port in ports.values()), log.read_text()
+        assert deployment.pids() and deployment.regions()
+        # A request in flight at the Ctrl-C, which ends cleanly: answered within the grace period.
+        body = {"model": tiny_checkpoint.name, "max_tokens": 32, "messages": [{"role": "user", "content": "Hi"}]}
+        in_flight: list[httpx.Response] = []
+        request = threading.Thread(target=lambda: in_flight.append(httpx.post(
+            f"http://127.0.0.1:{ports['--port']}/v1/chat/completions", json=body, timeout=30)))
+        request.start()
+        time.sleep(0.3)
+        started = time.monotonic()
+        serve.send_signal(signal.SIGINT)
+        while any(_listening(port) for port in ports.values()) and time.monotonic() - started < 30:
+            time.sleep(0.05)
+        freed_after = time.monotonic() - started
+        serve.wait(30)
+        request.join(30)
+        print(f"ports free {freed_after:.1f}s after Ctrl-C; serve exited after {time.monotonic() - started:.1f}s")
+        assert freed_after < 10
+        assert in_flight and in_flight[0].status_code == 200
+        assert not deployment.pids() and not deployment.regions()
+    finally:
+        if serve.poll() is None:
+            serve.kill()
+        deployment.remove_all()  # what a failed run left (a serve killed above stops nothing)

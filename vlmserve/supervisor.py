@@ -1,0 +1,91 @@
+"""Bring back what died: a Python-backend stub (OOM, crash, kill) or tritonserver itself.
+
+Triton 2.51's Python backend does not restart a dead stub: the model stays READY and every request
+to it fails ("Stub process 'vit_0_0' is not healthy"). The supervisor watches the stubs and the
+server from the process that started them. A model whose stub is gone is unloaded and loaded again
+through the repository API (strict readiness makes the server not-ready meanwhile, so health checks
+say so); processes the dead stub left behind (vLLM's engine core and workers) are killed first. If
+the server itself died, or a reload fails, the server is killed with its whole process group and
+started again on the same ports.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+from vlmserve.lifecycle import SHM_DIR
+from vlmserve.triton_server import StubInstance, TritonServer
+
+logger = logging.getLogger(__name__)
+
+
+class Supervisor:
+    """A daemon thread that checks `triton` every `poll_s` seconds while running.
+
+    `keep` gives the pids of the deployment's other top-level processes (the proxy), whose children are
+    not orphans to kill.
+    """
+
+    def __init__(self, triton: TritonServer, keep: Callable[[], list[int]], poll_s: float = 0.5) -> None:
+        self.triton = triton
+        self.keep = keep
+        self.poll_s = poll_s
+        self.restarts = 0  # model reloads and server restarts so far, for tests and logs
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="triton-supervisor", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop watching, before a deliberate stop that must not be undone (a recovery under way fails once
+        the server is stopped: `TritonServer.start` refuses then)."""
+        self._stopped.set()
+
+    def running(self) -> bool:
+        return self._thread.is_alive()
+
+    def join(self, timeout_s: float) -> None:
+        self._thread.join(timeout_s)
+
+    def _run(self) -> None:
+        expected: dict[str, StubInstance] | None = self.triton.stub_instances()
+        while not self._stopped.wait(self.poll_s):
+            try:
+                expected = self._check(expected) if expected is not None else self._restart_server()
+            except Exception:  # retried at the next poll, with a server restart
+                if self._stopped.is_set():  # the server was stopped under us, on purpose
+                    return
+                logger.exception("recovery failed; restarting tritonserver")
+                expected = None
+
+    def _check(self, expected: dict[str, StubInstance]) -> dict[str, StubInstance]:
+        if self.triton.process is None or self.triton.process.poll() is not None:
+            logger.error("tritonserver exited (code %s); restarting it", self.triton.process.returncode)
+            return self._restart_server()
+        live = self.triton.stub_instances()
+        dead = [stub for name, stub in expected.items() if name not in live]
+        if not dead:
+            return expected
+        models = sorted({stub.model for stub in dead})
+        logger.error("backend process of %s died; reloading", ", ".join(models))
+        orphans = self.triton.deployment.kill_orphans([self.triton.process.pid, *self.keep()])
+        if orphans:
+            logger.info("killed %d processes the dead stub left behind", len(orphans))
+        for model in models:
+            self.triton.reload_model(model)
+        # The backend leaves a dead stub's region in /dev/shm when it starts a new one.
+        for stub in dead:
+            (SHM_DIR / stub.region).unlink(missing_ok=True)
+        self.restarts += 1
+        logger.info("%s back", ", ".join(models))
+        return self.triton.stub_instances()
+
+    def _restart_server(self) -> dict[str, StubInstance]:
+        self.triton.kill()
+        self.triton.start()
+        self.restarts += 1
+        logger.info("tritonserver back")
+        return self.triton.stub_instances()
