@@ -21,16 +21,15 @@ import argparse
 import json
 import random
 import tempfile
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from perf.internvl_data import Conversation, load_jsonl, user_contents
 from perf.media_server import MediaServer
-from perf.stats import RequestRecord, percentile, summarize
-from perf.stream_client import Target, stream_chat
+from perf.sessions import HISTORIES, Session, TurnResult, run_sessions, ttft_by_round
+from perf.stats import summarize
+from perf.stream_client import Target
 from perf.synthetic_data import synthesize
 
 
@@ -48,22 +47,14 @@ WORKLOADS = {
         Workload("multi-round", lambda c: len(c.rounds) >= 2, all_rounds=True),
     )
 }
-HISTORIES = ("dataset", "model")
-
-
-@dataclass(frozen=True)
-class TurnResult:
-    conversation_id: str
-    round: int  # 0 for the first turn of a conversation
-    record: RequestRecord
 
 
 def assign(conversations: Sequence[Conversation], workloads: Sequence[Workload], count: int,
-           repeats: int = 1, seed: int = 0) -> dict[str, list[list[Conversation]]]:
-    """`count` conversations per workload and repeat, a seeded draw so every server gets the same ones.
+           seed: int = 0) -> dict[str, list[Conversation]]:
+    """`count` conversations per workload, a seeded draw so every server gets the same ones.
 
-    No conversation is drawn twice, so no run finds its images or prompts in a cache that an earlier
-    run filled (the data may still share images between conversations, as real data does).
+    No conversation is drawn twice, so no workload finds its images or prompts in a cache that another
+    one filled (the data may still share images between conversations, as real data does).
     Workloads are served in the order given: put the pickiest first.
     """
     pool = list(conversations)
@@ -71,50 +62,19 @@ def assign(conversations: Sequence[Conversation], workloads: Sequence[Workload],
     used: set[int] = set()
     plan = {}
     for workload in workloads:
-        picked = [i for i, c in enumerate(pool) if i not in used and workload.accepts(c)][:count * repeats]
+        picked = [i for i, c in enumerate(pool) if i not in used and workload.accepts(c)][:count]
         if not picked:
             raise ValueError(f"no conversation in the data fits the {workload.name} workload")
         used.update(picked)
-        per_repeat = max(1, len(picked) // repeats)
-        plan[workload.name] = [[pool[i] for i in picked[r * per_repeat:(r + 1) * per_repeat]] for r in range(repeats)]
+        plan[workload.name] = [pool[i] for i in picked]
     return plan
 
 
-def run_conversation(client, target: Target, conversation: Conversation, workload: Workload,
-                     image_url: Callable[[str], str], max_tokens: int, history: str) -> list[TurnResult]:
+def to_session(conversation: Conversation, workload: Workload, image_url: Callable[[str], str]) -> Session:
+    """The turns `workload` sends of `conversation`, with the dataset's answers as their history."""
     contents = user_contents(conversation, image_url)
-    messages: list[dict] = []
-    results = []
-    for index in range(len(contents) if workload.all_rounds else 1):
-        messages.append({"role": "user", "content": contents[index]})
-        record, answer = stream_chat(client, target, messages, max_tokens)
-        results.append(TurnResult(conversation.id, index, record))
-        if not record.ok:
-            break  # the rest of this conversation would build on an answer that never came
-        previous = answer if history == "model" else conversation.rounds[index].gpt
-        messages.append({"role": "assistant", "content": previous})
-    return results
-
-
-def run_workload(target: Target, conversations: Sequence[Conversation], workload: Workload,
-                 image_url: Callable[[str], str], workers: int, max_tokens: int,
-                 history: str = "dataset") -> tuple[list[TurnResult], float]:
-    """Every turn's result and the wall time of the whole run."""
-    client = target.client()
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        per_conversation = list(pool.map(
-            lambda c: run_conversation(client, target, c, workload, image_url, max_tokens, history), conversations))
-    return [t for turns in per_conversation for t in turns], time.perf_counter() - start
-
-
-def ttft_by_round(turns: Sequence[TurnResult]) -> dict[int, float]:
-    """Median TTFT of each round index: where caches pay off, later rounds stay as fast as the first."""
-    rounds: dict[int, list[float]] = {}
-    for t in turns:
-        if t.record.ok:
-            rounds.setdefault(t.round, []).append(t.record.ttft_s)
-    return {index: percentile(values, 50) for index, values in sorted(rounds.items())}
+    return Session(conversation.id, tuple(contents if workload.all_rounds else contents[:1]),
+                   tuple(r.gpt for r in conversation.rounds))
 
 
 def workload_report(turns: Sequence[TurnResult], wall_s: float) -> dict:
@@ -127,8 +87,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--model", default="tiny-qwen2-vl")
-    parser.add_argument("--no-stream-options", action="store_true",
-                        help="do not send stream_options (for servers that reject it, e.g. `transformers serve`)")
     parser.add_argument("--workload", choices=WORKLOADS, required=True)
     parser.add_argument("--jsonl", type=Path, help="InternVL-Chat-V1-2-SFT-Data style JSONL (default: synthetic data)")
     parser.add_argument("--image-root", type=Path, help="directory the JSONL's image paths are relative to")
@@ -149,11 +107,11 @@ def main(argv: list[str] | None = None) -> None:
             image_root = jsonl.parent
         workload = WORKLOADS[args.workload]
         plan = assign(list(load_jsonl(jsonl)), [workload], args.conversations, seed=args.seed)
-        (conversations,) = plan[workload.name]
-        target = Target(args.base_url, args.base_url, args.model, stream_options=not args.no_stream_options)
+        conversations = plan[workload.name]
+        target = Target(args.base_url, args.base_url, args.model)
         with MediaServer(image_root) as media:
-            turns, wall_s = run_workload(target, conversations, workload, media.url,
-                                         args.workers, args.max_tokens, args.history)
+            sessions = [to_session(c, workload, media.url) for c in conversations]
+            turns, wall_s = run_sessions(target, sessions, args.workers, args.max_tokens, args.history)
     report = workload_report(turns, wall_s)
     for key, value in report["summary"].items():
         print(f"{key:>22}: {value:.4f}" if isinstance(value, float) else f"{key:>22}: {value}")

@@ -63,7 +63,7 @@ def run_bare(model: Qwen2VLForConditionalGeneration, prompts: list[np.ndarray], 
     positions = (mask.cumsum(-1) - 1).clamp_(min=0)
     generated = []
     for _ in range(max_tokens):
-        hidden = text_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+        hidden = text_model(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                             use_cache=True).last_hidden_state
         input_ids = lm_head(hidden[:, -1]).argmax(-1, keepdim=True)
         generated.append(input_ids)

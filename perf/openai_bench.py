@@ -7,8 +7,7 @@ Prints what the reference prints (total time, QPS, mean latency) and, from the s
 token, time per output token and request latency (mean, p50/p90/p99) and output tokens/s. Every
 request asks the same question about the same images, as the reference does (so a server with a
 ViT cache encodes them once). Without --image-url it draws two images and serves them itself from
-127.0.0.1; our proxy then needs `--allow-media-network 127.0.0.0/8`. `--no-stream-options` is for
-servers that reject `stream_options` (`transformers serve`); they must send usage on their own.
+127.0.0.1; our proxy then needs `--allow-media-network 127.0.0.0/8`.
 """
 
 from __future__ import annotations
@@ -17,34 +16,31 @@ import argparse
 import json
 import random
 import tempfile
-import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
 from perf.media_server import MediaServer
+from perf.sessions import Session, run_sessions
 from perf.stats import RequestRecord, summarize
-from perf.stream_client import Target, stream_chat
+from perf.stream_client import Target
 from perf.synthetic_data import draw_image
 
 QUESTION = "Are these images different?"
 
 
-def reference_messages(image_urls: Sequence[str]) -> list[dict]:
+def reference_sessions(image_urls: Sequence[str], requests: int, prefix: str = "reference") -> list[Session]:
+    """`requests` one-turn sessions asking the same question about the same images."""
     content = [{"type": "text", "text": QUESTION}]
     content += [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
-    return [{"role": "user", "content": content}]
+    return [Session(f"{prefix}-{i}", (content,)) for i in range(requests)]
 
 
 def run(target: Target, image_urls: Sequence[str], requests: int, workers: int,
         max_tokens: int) -> tuple[list[RequestRecord], float]:
     """Every request's record and the wall time of the whole run."""
-    client, messages = target.client(), reference_messages(image_urls)
-    start = time.perf_counter()
-    with ThreadPoolExecutor(workers) as pool:
-        records = list(pool.map(lambda _: stream_chat(client, target, messages, max_tokens)[0], range(requests)))
-    return records, time.perf_counter() - start
+    turns, wall_s = run_sessions(target, reference_sessions(image_urls, requests), workers, max_tokens)
+    return [t.record for t in turns], wall_s
 
 
 def print_summary(summary: dict) -> None:
@@ -60,7 +56,6 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base-url", default="http://127.0.0.1:8000/v1")
     parser.add_argument("--model", default="tiny-qwen2-vl")
-    parser.add_argument("--no-stream-options", action="store_true")
     parser.add_argument("--image-url", action="append", help="repeat for several images (default: two drawn here)")
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--workers", type=int, default=10)
@@ -69,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--plot", type=Path, help="write a PNG of the latency distributions here")
     args = parser.parse_args(argv)
 
-    target = Target(args.base_url, args.base_url, args.model, stream_options=not args.no_stream_options)
+    target = Target(args.base_url, args.base_url, args.model)
     with tempfile.TemporaryDirectory() as scratch, MediaServer(Path(scratch)) as media:
         image_urls = args.image_url
         if not image_urls:

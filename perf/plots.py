@@ -34,30 +34,44 @@ def plot_run(records: Sequence[RequestRecord], title: str, path: Path) -> None:
     plt.close(figure)
 
 
-def plot_comparison(summaries: Mapping[str, Mapping[str, Mapping]], by_round: Mapping[str, Mapping[int, float]],
-                    path: Path) -> None:
-    """Ours against the peer: TTFT p50 and output tokens/s per workload, and multi-round TTFT by round.
+def plot_sweep(points: Mapping[str, Sequence[tuple[int, Mapping]]], path: Path) -> None:
+    """TTFT p99 against QPS, one line per server, each point labelled with its concurrency.
 
-    `summaries[target][workload]` is a perf.stats summary; `by_round[target]` the multi-round TTFT p50 by round.
+    `points[server]` holds (concurrency, perf.stats summary) by rising concurrency.
     """
-    targets = list(summaries)
-    workloads = list(summaries[targets[0]])
-    width = 0.8 / len(targets)
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for panel, (key, label) in zip(axes[:2], [("ttft_p50_s", "TTFT p50 (s), lower is better"),
-                                              ("output_tokens_per_s", "output tokens/s, higher is better")],
-                                 strict=True):
-        for k, target in enumerate(targets):
-            positions = [i + (k - (len(targets) - 1) / 2) * width for i in range(len(workloads))]
-            panel.bar(positions, [summaries[target][w][key] for w in workloads], width, label=target)
-        panel.set_xticks(range(len(workloads)), workloads)
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for server, sweep in points.items():
+        qps = [summary["qps"] for _, summary in sweep]
+        ttft = [summary["ttft_p99_s"] for _, summary in sweep]
+        axis.plot(qps, ttft, marker="o", label=server)
+        for (concurrency, _), x, y in zip(sweep, qps, ttft, strict=True):
+            axis.annotate(f"c={concurrency}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set(xlabel="QPS", ylabel="TTFT p99 (s)", title="reference workload: concurrency sweep")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_workloads(summaries: Mapping[str, Mapping[str, Mapping]], path: Path) -> None:
+    """Bars per workload and server: QPS, TTFT p99, output tokens/s (log scales: the workloads differ by 100x).
+
+    `summaries[workload][server]` is a perf.stats summary.
+    """
+    workloads = list(summaries)
+    servers = list(summaries[workloads[0]])
+    width = 0.8 / len(servers)
+    figure, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    panels = [("qps", "QPS, higher is better"), ("ttft_p99_s", "TTFT p99 (s), lower is better"),
+              ("output_tokens_per_s", "output tokens/s, higher is better")]
+    for panel, (key, label) in zip(axes, panels, strict=True):
+        for k, server in enumerate(servers):
+            positions = [i + (k - (len(servers) - 1) / 2) * width for i in range(len(workloads))]
+            panel.bar(positions, [summaries[w][server][key] for w in workloads], width, label=server)
+        panel.set_xticks(range(len(workloads)), workloads, rotation=30, ha="right")
+        panel.set_yscale("log")
         panel.set_title(label)
         panel.legend()
-    for target, rounds in by_round.items():
-        axes[2].plot([r + 1 for r in rounds], list(rounds.values()), marker="o", label=target)
-    axes[2].set(xlabel="round", ylabel="TTFT p50 (s)", title="multi-round: TTFT by round")
-    axes[2].xaxis.get_major_locator().set_params(integer=True)
-    axes[2].legend()
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

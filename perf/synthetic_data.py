@@ -17,6 +17,8 @@ import argparse
 import random
 from pathlib import Path
 
+import av
+import numpy as np
 from PIL import Image, ImageDraw
 
 from perf.internvl_data import IMAGE_TAG, Conversation, Round, write_jsonl
@@ -32,21 +34,43 @@ where which how why is are there this that shows holding standing sitting near l
 building sign text chart value bar line year number highest lowest total document title page""".split()
 
 
-def _text(rng: random.Random, bounds: tuple[int, int], end: str) -> str:
+def filler_text(rng: random.Random, bounds: tuple[int, int], end: str) -> str:
     words = [rng.choice(_WORDS) for _ in range(rng.randint(*bounds))]
     return " ".join(words).capitalize() + end
 
 
-def draw_image(rng: random.Random, path: Path, min_side: int, max_side: int) -> None:
-    """A random scene of shapes: distinct bytes per image, so no cache can confuse two of them."""
-    size = (rng.randint(min_side, max_side), rng.randint(min_side, max_side))
+def _scene(rng: random.Random, size: tuple[int, int]) -> Image.Image:
+    """A random scene of shapes: distinct pixels per draw, so no cache can confuse two of them."""
     image = Image.new("RGB", size, tuple(rng.randrange(256) for _ in range(3)))
     draw = ImageDraw.Draw(image)
     for _ in range(rng.randint(3, 12)):
         box = sorted(rng.randrange(size[0]) for _ in range(2)), sorted(rng.randrange(size[1]) for _ in range(2))
         shape = draw.ellipse if rng.random() < 0.5 else draw.rectangle
         shape((box[0][0], box[1][0], box[0][1], box[1][1]), fill=tuple(rng.randrange(256) for _ in range(3)))
-    image.save(path, quality=90)
+    return image
+
+
+def draw_scene(rng: random.Random, path: Path, size: tuple[int, int]) -> None:
+    """A JPEG of a random scene of `size` (width, height)."""
+    _scene(rng, size).save(path, quality=90)
+
+
+def draw_image(rng: random.Random, path: Path, min_side: int, max_side: int) -> None:
+    """A JPEG of a random scene, its sides drawn from [min_side, max_side]."""
+    draw_scene(rng, path, (rng.randint(min_side, max_side), rng.randint(min_side, max_side)))
+
+
+def draw_video(rng: random.Random, path: Path, size: tuple[int, int], frames: int, fps: int) -> None:
+    """An H.264 MP4 of a random scene panning sideways, so consecutive frames differ."""
+    scene = np.asarray(_scene(rng, (size[0] * 2, size[1])))
+    with av.open(str(path), mode="w") as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = size[0], size[1], "yuv420p"
+        for i in range(frames):
+            left = i * size[0] // frames
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene[:, left:left + size[0]]), format="rgb24")
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
 
 
 def synthesize(out_dir: Path, per_shape: int, seed: int = 0, min_side: int = 224, max_side: int = 640) -> Path:
@@ -61,21 +85,21 @@ def synthesize(out_dir: Path, per_shape: int, seed: int = 0, min_side: int = 224
         return names
 
     def round_(human: str) -> Round:
-        return Round(human, _text(rng, ANSWER_WORDS, "."))
+        return Round(human, filler_text(rng, ANSWER_WORDS, "."))
 
     conversations = []
     for i in range(per_shape):
         cid = f"single-{seed}-{i}"
-        question = f"{IMAGE_TAG}\n{_text(rng, QUESTION_WORDS, '?')}"
+        question = f"{IMAGE_TAG}\n{filler_text(rng, QUESTION_WORDS, '?')}"
         conversations.append(Conversation(cid, images(cid, 1), (round_(question),)))
         cid = f"rounds-{seed}-{i}"
-        first = round_(f"{IMAGE_TAG}\n{_text(rng, QUESTION_WORDS, '?')}")
-        later = [round_(_text(rng, QUESTION_WORDS, "?")) for _ in range(rng.randint(*MULTI_ROUND) - 1)]
+        first = round_(f"{IMAGE_TAG}\n{filler_text(rng, QUESTION_WORDS, '?')}")
+        later = [round_(filler_text(rng, QUESTION_WORDS, "?")) for _ in range(rng.randint(*MULTI_ROUND) - 1)]
         conversations.append(Conversation(cid, images(cid, 1), (first, *later)))
         cid = f"multi-{seed}-{i}"
         names = images(cid, rng.randint(*MULTI_IMAGE))
         tags = "".join(f"Image-{k + 1}: {IMAGE_TAG}\n" for k in range(len(names)))
-        conversations.append(Conversation(cid, names, (round_(tags + _text(rng, QUESTION_WORDS, "?")),)))
+        conversations.append(Conversation(cid, names, (round_(tags + filler_text(rng, QUESTION_WORDS, "?")),)))
     path = out_dir / JSONL_NAME
     write_jsonl(path, conversations)
     return path

@@ -1,4 +1,4 @@
-"""The dataset benchmark's data side, no server: the InternVL JSONL format, synthetic data, sampling, history."""
+"""The benchmarks' data side, no server: the InternVL JSONL format, synthetic data, sampling, history, workloads."""
 
 from __future__ import annotations
 
@@ -9,13 +9,28 @@ import struct
 import pytest
 from PIL import Image
 
-from perf import dataset_bench
-from perf.dataset_bench import WORKLOADS, assign, run_conversation, ttft_by_round
+from perf import sessions
+from perf.dataset_bench import WORKLOADS, assign, to_session
 from perf.internvl_data import Conversation, Round, load_jsonl, parse_conversation, user_contents, write_jsonl
 from perf.perf_analyzer_inputs import serialized_bytes_tensor
+from perf.sessions import run_session, ttft_by_round
 from perf.stats import RequestRecord
-from perf.stream_client import Target
+from perf.stream_client import Target, video_fps
 from perf.synthetic_data import MULTI_IMAGE, MULTI_ROUND, synthesize
+from perf.workloads import (
+    HD_SIZE,
+    MULTI_ROUND_TURNS,
+    PATCH_SIDE,
+    VIDEO_FPS,
+    VIDEO_FRAMES,
+    VIDEO_SIZE,
+    VIDEO_SOURCE_FPS,
+    Sizes,
+    draw_warmup,
+    draw_workloads,
+    sweep_points,
+)
+from vlmserve.media import FPS_MAX_FRAMES, FPS_MIN_FRAMES, sample_indices
 
 
 def url(path: str) -> str:
@@ -86,15 +101,15 @@ def test_synthetic_data_has_the_three_shapes_and_round_trips(tmp_path):
     assert synthesize(tmp_path / "b", per_shape=4, seed=3).read_text() == jsonl.read_text()  # seeded
 
 
-def test_assign_draws_disjoint_samples_per_workload_and_repeat(tmp_path):
+def test_assign_draws_disjoint_samples_per_workload(tmp_path):
     conversations = list(load_jsonl(synthesize(tmp_path, per_shape=6)))
     order = [WORKLOADS[w] for w in ("multi-round", "multi-image", "single-image")]
-    plan = assign(conversations, order, count=3, repeats=2)
-    drawn = [c.id for samples in plan.values() for sample in samples for c in sample]
-    assert len(drawn) == len(set(drawn)) == 18
+    plan = assign(conversations, order, count=3)
+    drawn = [c.id for sample in plan.values() for c in sample]
+    assert len(drawn) == len(set(drawn)) == 9
     for workload in order:
-        assert all(len(sample) == 3 and all(workload.accepts(c) for c in sample) for sample in plan[workload.name])
-    assert assign(conversations, order, count=3, repeats=2) == plan  # every server gets the same draw
+        assert len(plan[workload.name]) == 3 and all(workload.accepts(c) for c in plan[workload.name])
+    assert assign(conversations, order, count=3) == plan  # every server gets the same draw
 
 
 def test_multi_round_history(monkeypatch):
@@ -105,21 +120,74 @@ def test_multi_round_history(monkeypatch):
         sent.append(json.loads(json.dumps(messages)))  # a copy: the runner extends the list afterwards
         return RequestRecord(0.1 * len(sent), 0.5, 4), f"model answer {len(sent)}"
 
-    monkeypatch.setattr(dataset_bench, "stream_chat", fake_stream_chat)
+    monkeypatch.setattr(sessions, "stream_chat", fake_stream_chat)
     target = Target("t", "http://x/v1", "m")
-    turns = run_conversation(None, target, conversation, WORKLOADS["multi-round"], url, 8, history="dataset")
+    session = to_session(conversation, WORKLOADS["multi-round"], url)
+    turns = run_session(None, target, session, 8, history="dataset")
     assert [t.round for t in turns] == [0, 1, 2]
+    assert [t.text for t in turns] == ["model answer 1", "model answer 2", "model answer 3"]
     assert [m["content"] for m in sent[2] if m["role"] == "assistant"] == ["A1", "A2"]
     assert [m["role"] for m in sent[2]] == ["user", "assistant", "user", "assistant", "user"]
     assert ttft_by_round(turns) == pytest.approx({0: 0.1, 1: 0.2, 2: 0.3})
 
     sent.clear()
-    run_conversation(None, target, conversation, WORKLOADS["multi-round"], url, 8, history="model")
+    run_session(None, target, session, 8, history="model")
     assert [m["content"] for m in sent[2] if m["role"] == "assistant"] == ["model answer 1", "model answer 2"]
 
     sent.clear()
-    turns = run_conversation(None, target, conversation, WORKLOADS["single-image"], url, 8, history="dataset")
+    turns = run_session(None, target, to_session(conversation, WORKLOADS["single-image"], url), 8)
     assert len(turns) == 1 and len(sent[0]) == 1  # single-image workloads send the first round only
+
+
+def media_parts(session: sessions.Session) -> list[dict]:
+    return [p for content in session.user_turns for p in content if p["type"] != "text"]
+
+
+def local_path(root, part: dict):
+    media = part.get("image_url") or part["video_url"]
+    return root / media["url"].removeprefix("http://media/")
+
+
+def test_workloads_draw_new_media_per_seed(tmp_path):
+    sizes = Sizes(reference_requests=3, two_image_requests=2, multi_round_conversations=2, hd_requests=1,
+                  video_requests=1, sweep=(1, 4), sweep_min_requests=2)
+    workloads = {w.name: w for w in draw_workloads(tmp_path, url, 7, sizes)}
+    assert list(workloads) == ["reference", "sweep c=1", "sweep c=4", "two-images", "multi-round", "1080p", "video"]
+    assert [w.workers for w in sweep_points(workloads.values())] == [1, 4, 10]
+    assert [len(w.sessions) for w in workloads.values()] == [3, 2, 8, 2, 2, 1, 1]
+    pair = {json.dumps(media_parts(s)) for name in ("reference", "sweep c=1", "sweep c=4")
+            for s in workloads[name].sessions}
+    assert len(pair) == 1  # the reference workload and its sweep repeat one pair of images
+    for session in workloads["multi-round"].sessions:  # a new image every turn, the dataset's answers between
+        assert len(session.user_turns) == MULTI_ROUND_TURNS and len(session.answers) == MULTI_ROUND_TURNS - 1
+        assert all(len(media_parts(sessions.Session("", (turn,)))) == 1 for turn in session.user_turns)
+    (video,) = media_parts(workloads["video"].sessions[0])
+    assert video["video_url"]["fps"] == VIDEO_FPS == video_fps([{"role": "user", "content": [video]}])
+    paths = [local_path(tmp_path, p) for w in workloads.values() for s in w.sessions for p in media_parts(s)]
+    images = sorted({p for p in paths if p.suffix == ".jpg"})
+    assert len(images) == 2 + 2 * 2 + 2 * MULTI_ROUND_TURNS + 1
+    for path in images:
+        with Image.open(path) as image:
+            assert image.size == HD_SIZE or all(side % PATCH_SIDE == 0 for side in image.size), image.size
+    warmup = [local_path(tmp_path, p) for s in draw_warmup(tmp_path, url, 7) for p in media_parts(s)]
+    assert not set(warmup) & set(paths)
+    again = tmp_path / "again"
+    redrawn = {w.name: w for w in draw_workloads(again, url, 7, sizes)}
+    assert redrawn["two-images"].sessions == workloads["two-images"].sessions  # seeded ...
+    first = local_path(tmp_path, media_parts(workloads["two-images"].sessions[0])[0])
+    assert local_path(again, media_parts(redrawn["two-images"].sessions[0])[0]).read_bytes() == first.read_bytes()
+    other = draw_workloads(tmp_path / "other", url, 8, sizes)[3]  # ... and new for another seed
+    assert local_path(tmp_path / "other", media_parts(other.sessions[0])[0]).read_bytes() != first.read_bytes()
+
+
+def test_video_frames_are_the_same_under_both_sampling_rules():
+    from vllm.multimodal.video import VideoBackend, VideoSourceMetadata, VideoTargetMetadata
+
+    ours = sample_indices(VIDEO_FRAMES, VIDEO_SOURCE_FPS, VIDEO_FPS, FPS_MIN_FRAMES, FPS_MAX_FRAMES).tolist()
+    source = VideoSourceMetadata(VIDEO_FRAMES, VIDEO_SOURCE_FPS, VIDEO_FRAMES / VIDEO_SOURCE_FPS)
+    vllm = VideoBackend.compute_frames_index_to_sample(source, VideoTargetMetadata(-1, VIDEO_FPS, 300))
+    assert ours == vllm == list(range(0, VIDEO_FRAMES, 4))
+    assert all(side % PATCH_SIDE == 0 for side in VIDEO_SIZE)
 
 
 def test_perf_analyzer_bytes_input_is_a_serialized_tensor():

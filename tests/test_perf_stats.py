@@ -1,4 +1,4 @@
-"""Benchmark statistics on canned data: percentiles, token counting, TPOT, summaries, pooling, the ratio table."""
+"""Benchmark statistics on canned data: percentiles, token counting, TPOT, summaries, answer matching, the table."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from perf.comparison import comparison_rows, markdown_table, pooled_summary, ratio
+from perf.comparison import comparison_rows, markdown_table, ratio
+from perf.sessions import TurnResult, identical_answers
 from perf.stats import RequestRecord, count_completion_tokens, percentile, summarize, time_per_output_token
 
 
@@ -56,23 +57,36 @@ def test_summary_on_canned_requests():
     assert s["latency_mean_s"] == pytest.approx(2.0 / 3)  # the failed request's 9 s is left out
 
 
-def test_pooled_summary_adds_wall_times():
-    first = ([RequestRecord(0.1, 1.0, 10)], 1.0)
-    second = ([RequestRecord(0.3, 1.0, 30), RequestRecord(0.2, 1.0, 20)], 3.0)
-    s = pooled_summary([first, second])
-    assert s["requests"] == 3 and s["wall_s"] == 4.0
-    assert s["output_tokens_per_s"] == pytest.approx(60 / 4)
-    assert s["ttft_p50_s"] == pytest.approx(0.2)
+def turn(session: str, round_: int, text: str, error: str | None = None) -> TurnResult:
+    return TurnResult(session, round_, RequestRecord(0.1, 1.0, 8, error=error), text)
+
+
+def test_identical_answers_pair_the_same_request_on_both_servers():
+    ours = [turn("a", 0, "x y"), turn("a", 1, "z"), turn("b", 0, "w"), turn("c", 0, "", error="APIError"),
+            turn("d", 0, "v")]
+    peer = [turn("b", 0, "w"), turn("a", 1, "z!"), turn("a", 0, "x y"), turn("c", 0, "u"),
+            turn("d", 0, "", error="APIError")]
+    # a/0 and b/0 match, a/1 differs; c and d failed on one side, so they are not compared
+    assert identical_answers(ours, peer) == (2, 3)
+    assert identical_answers([], peer) == (0, 0)
+
+
+def summary(qps: float, ttft: float, tpot: float, errors: int = 0) -> dict:
+    return {"requests": 10, "errors": errors, "qps": qps, "ttft_p50_s": ttft, "ttft_p99_s": 2 * ttft,
+            "tpot_p50_s": tpot, "output_tokens_per_s": 64 * qps}
 
 
 def test_comparison_rows_and_table():
-    ours = {"single-image": {"ttft_p50_s": 0.1, "output_tokens_per_s": 300.0}}
-    peer = {"single-image": {"ttft_p50_s": 0.4, "output_tokens_per_s": 100.0}}
-    rows = comparison_rows({"ours": ours, "hf": peer}, "ours", "hf")
-    assert rows == [{"workload": "single-image",
-                     "ours_ttft_p50_s": 0.1, "peer_ttft_p50_s": 0.4, "ratio_ttft_p50_s": 0.25,
-                     "ours_output_tokens_per_s": 300.0, "peer_output_tokens_per_s": 100.0,
-                     "ratio_output_tokens_per_s": 3.0}]
+    results = {"reference": {"ours": {"summary": summary(4.0, 0.1, 0.02), "identical": 9, "compared": 10},
+                             "vLLM": {"summary": summary(2.0, 0.4, 0.01, errors=1)}}}
+    rows = comparison_rows(results, "vLLM")
+    assert [(r["workload"], r["server"]) for r in rows] == [("reference", "ours"), ("reference", "vLLM")]
+    assert rows[0]["ratios"] == pytest.approx({"qps": 2.0, "ttft_p50_s": 0.25, "ttft_p99_s": 0.25, "tpot_p50_s": 2.0,
+                                               "output_tokens_per_s": 2.0})
+    assert "ratios" not in rows[1] and "identical" not in rows[1]
     table = markdown_table(rows).splitlines()
-    assert len(table) == 3 and table[2] == "| single-image | 0.100 | 0.400 | 0.25 | 300.0 | 100.0 | 3.00 |"
+    assert len(table) == 4
+    assert table[2] == ("| reference | ours | 10 | 0 | 4.00 (2.00) | 0.100 (0.25) | 0.200 (0.25) | 20.0 (2.00) "
+                        "| 256.0 (2.00) | 9/10 (90%) |")
+    assert table[3] == "| reference | vLLM | 10 | 1 | 2.00 | 0.400 | 0.800 | 10.0 | 128.0 | - |"
     assert math.isnan(ratio(1.0, 0.0))
