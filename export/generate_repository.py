@@ -3,7 +3,9 @@
 `cpu`: the ViT is the exported ONNX graph run by ONNX Runtime inside a Python-backend model, with a
 thread count that leaves the LLM its cores (default from os.cpu_count()).
 `gpu`: the ViT is a TensorRT plan with one instance group per GPU (`--gpus 0,1,2,3`).
-Both: `vit_cache` holds ViT outputs for every `vlm` instance (`--vit-cache-mb 0` turns it off), and
+The `llm` model runs vLLM (`--llm-engine vllm`, the default) or the project's native reference engine;
+`llm/1/engine.json` holds the engine's arguments (tensor parallel size, memory, context, ...).
+Both targets: `vit_cache` holds ViT outputs for every `vlm` instance (`--vit-cache-mb 0` turns it off), and
 the media limits (`--max-pixels`, `--max-frames`, `--video-max-pixels`, ...) go to `preprocess` and
 `vlm` alike (`vlm` keys the cache on them). The Python models' code is copied from
 `model_repository/`; `config.pbtxt` is written here.
@@ -16,12 +18,14 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vlmserve.media_settings import MediaSettings
+from vlmserve.llm_serving.engine_config import CONFIG_FILE, ENGINES, EngineConfig
+from vlmserve.media_settings import OPTION_INPUTS, MediaSettings
 from vlmserve.vit_packing import CPU_MAX_PATCHES_PER_CALL, MAX_PATCHES_PER_CALL
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -53,15 +57,54 @@ class RepositoryOptions:
     vit_cache_mb: float = 512.0  # 0 turns the ViT embedding cache off
     media: dict[str, str] = field(default_factory=dict)  # MediaSettings overrides, e.g. {"max_frames": "64"}
     preprocess_instances: int = 2
+    # The llm model: which engine, and its settings (one EngineConfig, llm/1/engine.json). 0 / None: the
+    # engine's own default.
+    llm_engine: str = "vllm"
     llm_dtype: str = "float32"
-    max_num_seqs: int = 64
-    max_num_batched_tokens: int = 2048
-    kv_block_size: int = 16  # tokens per paged KV cache block
-    kv_cache_bytes: int = 0  # the llm's KV pool; 0: 256 MiB on cpu, kv_cache_memory_fraction of free GPU memory
-    kv_cache_memory_fraction: float = 0.0  # gpu only; 0: the engine's default (0.5)
+    max_model_len: int = 0
+    max_num_seqs: int = 0
+    max_num_batched_tokens: int = 0
+    kv_block_size: int = 0  # tokens per paged KV cache block
+    kv_cache_bytes: int = 0  # the KV pool; 0: DEFAULT_CPU_KV_CACHE_BYTES on cpu, a share of GPU memory on gpu
+    gpu_memory_utilization: float = 0.0  # vllm on gpu; 0: DEFAULT_GPU_MEMORY_UTILIZATION
+    kv_cache_memory_fraction: float = 0.0  # native on gpu: share of free memory for the KV pool; 0: 0.5
+    tensor_parallel_size: int = 0  # vllm; 0: one shard per GPU in `gpus` (1 on cpu)
+    enforce_eager: bool = False  # vllm: no torch.compile / CUDA graphs (starts faster, decodes slower)
+    quantization: str | None = None  # vllm: e.g. "fp8", "awq"
     enable_prefix_caching: bool = True
-    llm_threads: int = 0  # torch intra-op threads in the llm model; 0 keeps torch's default
+    llm_threads: int = 0  # native: torch intra-op threads in the llm model; 0 keeps torch's default
+    llm_engine_args: dict = field(default_factory=dict)  # more engine arguments, passed through as they are
 
+
+# vLLM's KV cache on a CPU host; what the native engine takes there is its own default (256 MiB).
+DEFAULT_CPU_KV_CACHE_BYTES = 2 * 2**30
+# vLLM's share of each GPU's memory: what the TensorRT ViT instances on the same GPUs need stays free.
+DEFAULT_GPU_MEMORY_UTILIZATION = 0.8
+
+
+def engine_config(opts: RepositoryOptions) -> EngineConfig:
+    """The llm model's engine and its arguments, as the engine itself names them."""
+    checkpoint = str(opts.checkpoint.resolve())
+    if opts.llm_engine == "native":
+        args = {"dtype": opts.llm_dtype, "enable_prefix_caching": opts.enable_prefix_caching,
+                "max_num_seqs": opts.max_num_seqs, "max_num_batched_tokens": opts.max_num_batched_tokens,
+                "block_size": opts.kv_block_size, "kv_cache_bytes": opts.kv_cache_bytes,
+                "kv_cache_memory_fraction": opts.kv_cache_memory_fraction, "torch_threads": opts.llm_threads}
+    else:
+        on_gpu = opts.target == "gpu"
+        args = {"dtype": opts.llm_dtype, "enable_prefix_caching": opts.enable_prefix_caching,
+                "max_model_len": opts.max_model_len, "max_num_seqs": opts.max_num_seqs,
+                "max_num_batched_tokens": opts.max_num_batched_tokens, "block_size": opts.kv_block_size,
+                "enforce_eager": opts.enforce_eager, "quantization": opts.quantization,
+                "tensor_parallel_size": opts.tensor_parallel_size or (len(opts.gpus) if on_gpu else 1)}
+        if on_gpu:
+            args["gpu_memory_utilization"] = opts.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+            if opts.kv_cache_bytes:
+                args["kv_cache_memory_bytes"] = opts.kv_cache_bytes
+        else:
+            args["kv_cache_memory_bytes"] = opts.kv_cache_bytes or DEFAULT_CPU_KV_CACHE_BYTES
+    args = {k: v for k, v in args.items() if v not in (0, None) or isinstance(v, bool)}
+    return EngineConfig(opts.llm_engine, checkpoint, {**args, **opts.llm_engine_args})
 
 def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
     extra = " optional: true" if optional else ""
@@ -126,7 +169,8 @@ def _media_parameters(opts: RepositoryOptions) -> dict[str, object]:
 
 def preprocess_config(opts: RepositoryOptions) -> str:
     inputs = [_tensor("MEDIA", "TYPE_STRING", [1]), _tensor("KIND", "TYPE_STRING", [1]),
-              _tensor("FPS", "TYPE_FP32", [1], optional=True)]
+              *(_tensor(name, "TYPE_FP32" if name == "FPS" else "TYPE_INT64", [1], optional=True)
+                for name in OPTION_INPUTS.values())]
     outputs = [_tensor("PIXEL_VALUES", "TYPE_FP32", [-1, -1]), _tensor("GRID_THW", "TYPE_INT64", [3])]
     return _config("preprocess", 'backend: "python"', inputs, outputs, _cpu_instances(opts.preprocess_instances),
                    _media_parameters(opts))
@@ -148,20 +192,12 @@ def llm_config(opts: RepositoryOptions) -> str:
               _tensor("ROPE_DELTA", "TYPE_INT64", [1], optional=True),
               _tensor("MEDIA_EMBEDS", "TYPE_FP32", [-1, -1], optional=True),
               _tensor("MEDIA_KEYS", "TYPE_STRING", [-1], optional=True),
+              _tensor("MEDIA_GRID_THW", "TYPE_INT64", [-1, 3], optional=True),
               _tensor("SAMPLING", "TYPE_STRING", [1], optional=True), _tensor("ABORT", "TYPE_BOOL", [1], optional=True)]
     outputs = [_tensor("TOKEN_IDS", "TYPE_INT64", [-1]), _tensor("FINISH_REASON", "TYPE_STRING", [1])]
-    params = {"checkpoint_dir": opts.checkpoint.resolve(), "dtype": opts.llm_dtype,
-              "device": "cuda" if opts.target == "gpu" else "cpu", "max_num_seqs": opts.max_num_seqs,
-              "max_num_batched_tokens": opts.max_num_batched_tokens, "kv_block_size": opts.kv_block_size,
-              "enable_prefix_caching": str(opts.enable_prefix_caching).lower()}
-    if opts.kv_cache_bytes:
-        params["kv_cache_bytes"] = opts.kv_cache_bytes
-    if opts.kv_cache_memory_fraction:
-        params["kv_cache_memory_fraction"] = opts.kv_cache_memory_fraction
-    if opts.llm_threads:
-        params["torch_threads"] = opts.llm_threads
-    # One instance: the engine batches all requests itself.
-    return _config("llm", 'backend: "python"', inputs, outputs, _cpu_instances(1), params, decoupled=True)
+    # One instance: the engine batches all requests itself (and spans GPUs with tensor parallelism).
+    return _config("llm", 'backend: "python"', inputs, outputs, _cpu_instances(1), decoupled=True,
+                   comment=f"Engine and its settings: 1/{CONFIG_FILE}")
 
 
 def vlm_config(opts: RepositoryOptions) -> str:
@@ -170,6 +206,8 @@ def vlm_config(opts: RepositoryOptions) -> str:
                _tensor("PROMPT_TOKENS", "TYPE_INT32", [1]), _tensor("COMPLETION_TOKENS", "TYPE_INT32", [1])]
     params = {**_media_parameters(opts), "vit_cache": str(opts.vit_cache_mb > 0).lower(),
               "vit_max_patches": opts.vit_max_patches or default_vit_max_patches(opts.target)}
+    if opts.max_model_len:
+        params["max_model_len"] = opts.max_model_len  # vlm rejects longer prompts before the llm sees them
     return _config("vlm", 'backend: "python"', inputs, outputs, _cpu_instances(1), params, decoupled=True)
 
 
@@ -185,6 +223,7 @@ def generate_repository(opts: RepositoryOptions) -> Path:
         raise ValueError("the cpu target needs --vit-onnx")
     if opts.target == "gpu" and opts.vit_engine is None:
         raise ValueError("the gpu target needs --vit-engine")
+    config = engine_config(opts)  # checks the engine name before anything is written
     if opts.out.exists():
         shutil.rmtree(opts.out)
     for name, make_config in CONFIGS.items():
@@ -195,8 +234,10 @@ def generate_repository(opts: RepositoryOptions) -> Path:
         (opts.out / name / "config.pbtxt").write_text(make_config(opts))
         if name == "vit" and opts.target == "gpu":
             shutil.copy2(opts.vit_engine, version / "model.plan")
-        else:
-            shutil.copy2(SOURCE_REPOSITORY / name / "1" / "model.py", version / "model.py")
+            continue
+        if name == "llm":
+            config.write(version)
+        shutil.copy2(SOURCE_REPOSITORY / name / "1" / "model.py", version / "model.py")
     return opts.out
 
 
@@ -217,13 +258,26 @@ def main(argv: list[str] | None = None) -> None:
     for name in MEDIA_PARAMETERS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help="default: vlmserve/media_settings.py")
     parser.add_argument("--preprocess-instances", type=int, default=2)
-    parser.add_argument("--llm-threads", type=int, default=0, help="torch threads for the llm model (0: default)")
-    parser.add_argument("--llm-dtype", default=None, help="default: float32 on cpu, bfloat16 on gpu")
-    parser.add_argument("--kv-cache-bytes", type=int, default=0, help="llm KV pool size (0: engine default)")
-    parser.add_argument("--kv-cache-memory-fraction", type=float, default=0.0,
-                        help="gpu: share of free memory for the KV pool when --kv-cache-bytes is 0 (0: 0.5)")
-    parser.add_argument("--kv-block-size", type=int, default=16)
-    parser.add_argument("--no-prefix-caching", action="store_true", help="turn the llm's prefix cache off")
+    llm = parser.add_argument_group("llm engine (0: the engine's default)")
+    llm.add_argument("--llm-engine", choices=ENGINES, default="vllm")
+    llm.add_argument("--llm-dtype", default=None, help="default: float32 on cpu, bfloat16 on gpu")
+    llm.add_argument("--max-model-len", type=int, default=0, help="context length (default: the checkpoint's)")
+    llm.add_argument("--max-num-seqs", type=int, default=0)
+    llm.add_argument("--max-num-batched-tokens", type=int, default=0)
+    llm.add_argument("--kv-cache-bytes", type=int, default=0,
+                     help=f"KV pool size (default: {DEFAULT_CPU_KV_CACHE_BYTES >> 30} GiB for vllm on cpu)")
+    llm.add_argument("--kv-block-size", type=int, default=0)
+    llm.add_argument("--gpu-memory-utilization", type=float, default=0.0,
+                     help=f"vllm on gpu (default {DEFAULT_GPU_MEMORY_UTILIZATION}: the rest is for the ViT)")
+    llm.add_argument("--kv-cache-memory-fraction", type=float, default=0.0,
+                     help="native on gpu: share of free memory for the KV pool when --kv-cache-bytes is 0 (0: 0.5)")
+    llm.add_argument("--tensor-parallel-size", type=int, default=0, help="vllm (default: one shard per GPU in --gpus)")
+    llm.add_argument("--enforce-eager", action="store_true", help="vllm: no torch.compile / CUDA graphs")
+    llm.add_argument("--quantization", help="vllm: e.g. fp8, awq")
+    llm.add_argument("--no-prefix-caching", action="store_true", help="turn the llm's prefix cache off")
+    llm.add_argument("--llm-threads", type=int, default=0, help="native: torch threads for the llm model")
+    llm.add_argument("--llm-engine-args", type=json.loads, default={},
+                     help='more engine arguments as JSON, passed through, e.g. \'{"swap_space": 8}\'')
     args = parser.parse_args(argv)
     opts = RepositoryOptions(
         checkpoint=args.checkpoint, out=args.out, target=args.target, vit_onnx=args.vit_onnx,
@@ -231,11 +285,15 @@ def main(argv: list[str] | None = None) -> None:
         vit_instances_per_gpu=args.vit_instances_per_gpu, vit_cpu_instances=args.vit_cpu_instances,
         vit_cpu_threads=args.vit_cpu_threads, vit_max_patches=args.vit_max_patches, vit_cache_mb=args.vit_cache_mb,
         media={name: getattr(args, name) for name in MEDIA_PARAMETERS if getattr(args, name) is not None},
-        preprocess_instances=args.preprocess_instances,
-        llm_threads=args.llm_threads, kv_cache_bytes=args.kv_cache_bytes,
-        kv_cache_memory_fraction=args.kv_cache_memory_fraction, kv_block_size=args.kv_block_size,
-        enable_prefix_caching=not args.no_prefix_caching,
-        llm_dtype=args.llm_dtype or ("bfloat16" if args.target == "gpu" else "float32"))
+        preprocess_instances=args.preprocess_instances, llm_engine=args.llm_engine,
+        llm_dtype=args.llm_dtype or ("bfloat16" if args.target == "gpu" else "float32"),
+        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
+        kv_block_size=args.kv_block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+        kv_cache_memory_fraction=args.kv_cache_memory_fraction, tensor_parallel_size=args.tensor_parallel_size,
+        enforce_eager=args.enforce_eager, quantization=args.quantization,
+        enable_prefix_caching=not args.no_prefix_caching, llm_threads=args.llm_threads,
+        llm_engine_args=args.llm_engine_args)
     print(generate_repository(opts))
 
 

@@ -87,16 +87,16 @@ BPE_VOCAB_SIZE = 1500  # below what the corpus saturates at (~1800), so the size
 LM_HEAD_SCALE = 30.0  # init std 0.02 -> 0.6: logit std ~5, median top1-top2 gap ~0.9
 
 TEXT_CONFIG = {
-    "hidden_size": 64,
-    "intermediate_size": 128,
+    "hidden_size": 128,
+    "intermediate_size": 256,
     "num_hidden_layers": 2,
-    "num_attention_heads": 4,  # head_dim = 64 / 4 = 16
+    "num_attention_heads": 4,  # head_dim = 128 / 4 = 32, the smallest vLLM's CPU attention serves
     "num_key_value_heads": 2,
     "hidden_act": "silu",
     "max_position_embeddings": 4096,
     "rms_norm_eps": 1e-6,
     "rope_theta": 1000000.0,
-    "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},  # sums to head_dim / 2
+    "rope_scaling": {"type": "mrope", "mrope_section": [4, 6, 6]},  # sums to head_dim / 2
     "use_sliding_window": False,
     "max_window_layers": 2,
 }
@@ -105,7 +105,7 @@ VISION_CONFIG = {
     "embed_dim": 32,
     "num_heads": 2,
     "mlp_ratio": 2,
-    "hidden_size": 64,  # merger output = text hidden_size
+    "hidden_size": 128,  # merger output = text hidden_size
     "hidden_act": "quick_gelu",
     "in_channels": 3,
     "patch_size": 14,
@@ -285,18 +285,22 @@ def _write_processor_configs(out_dir: pathlib.Path) -> None:
     (out_dir / "video_preprocessor_config.json").write_text(json.dumps(video_cfg, indent=2, sort_keys=True) + "\n")
 
 
-def build_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
-    """Write the whole checkpoint directory into ``out_dir`` and return it."""
+def save_checkpoint(out_dir: pathlib.Path, model: Qwen2VLForConditionalGeneration,
+                    tokenizer: Qwen2Tokenizer) -> pathlib.Path:
+    """Write `model` with the generation config, tokenizer and processor configs into ``out_dir``."""
     out_dir = pathlib.Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_tokenizer()
-    config = build_config(tokenizer)
-    model = build_model(config, tokenizer, seed)
     model.generation_config = build_generation_config(tokenizer)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)  # also writes chat_template.jinja, shared with the processor
     _write_processor_configs(out_dir)
     return out_dir
+
+
+def build_tiny_checkpoint(out_dir: pathlib.Path, seed: int = 0) -> pathlib.Path:
+    """Write the whole checkpoint directory into ``out_dir`` and return it."""
+    tokenizer = build_tokenizer()
+    return save_checkpoint(out_dir, build_model(build_config(tokenizer), tokenizer, seed), tokenizer)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -23,18 +24,44 @@ def media_server(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="session")
-def stack(tiny_checkpoint, tmp_path_factory):
-    """tritonserver (all four models) + the OpenAI proxy, on free loopback ports."""
+# What each engine runs with in tests: vLLM without torch.compile (starts in seconds) and a small KV
+# cache; the native engine on one torch thread (OpenMP overhead dominates a model this small on 2 cores).
+ENGINE_OPTIONS = {"vllm": {"llm_engine": "vllm", "enforce_eager": True, "kv_cache_bytes": 256 * 2**20},
+                  "native": {"llm_engine": "native", "llm_threads": 1}}
+
+
+@contextlib.contextmanager
+def running_stack(checkpoint: Path, workdir: Path, engine: str, proxy_args: tuple[str, ...] = (), **options):
+    """tritonserver (all models) + the OpenAI proxy on free loopback ports, stopped on exit."""
     from vlmserve.deployment import Stack, prepare_cpu_repository
     from vlmserve.triton_server import TritonPorts
 
-    workdir = tmp_path_factory.mktemp("deploy")
-    # One torch thread: OpenMP overhead dominates a model this small on a 2-core machine.
-    repository = prepare_cpu_repository(tiny_checkpoint, workdir, llm_threads=1)
+    repository = prepare_cpu_repository(checkpoint, workdir, **{**ENGINE_OPTIONS[engine], **options})
     # The media server is on loopback, which the proxy refuses to fetch from unless told otherwise.
-    running = Stack.create(repository, workdir, "tiny-qwen2-vl", TritonPorts.free(),
-                           free_port(), proxy_args=["--allow-media-network", "127.0.0.0/8"])
+    running = Stack.create(repository, workdir, "tiny-qwen2-vl", TritonPorts.free(), free_port(),
+                           proxy_args=["--allow-media-network", "127.0.0.0/8", *proxy_args])
     running.start()
-    yield running
-    running.stop()
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_stack(tiny_checkpoint, tmp_path_factory):
+    """The stack with the vLLM engine."""
+    with running_stack(tiny_checkpoint, tmp_path_factory.mktemp("deploy-vllm"), "vllm") as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def stack(vllm_stack):
+    """The stack with the default engine."""
+    return vllm_stack
+
+
+@pytest.fixture(scope="session")
+def native_stack(tiny_checkpoint, tmp_path_factory):
+    """The stack with the native reference engine."""
+    with running_stack(tiny_checkpoint, tmp_path_factory.mktemp("deploy-native"), "native") as running:
+        yield running

@@ -63,6 +63,12 @@ def stream_chat(client: openai.OpenAI, messages: list[dict], **kwargs) -> tuple[
     return text, usage, finish
 
 
+@pytest.fixture(scope="module", params=["vllm", "native"])
+def stack(request):
+    """Every test here runs on both engines."""
+    return request.getfixturevalue(f"{request.param}_stack")
+
+
 @pytest.fixture(scope="module")
 def client(stack) -> openai.OpenAI:
     return openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused", max_retries=0, timeout=120)
@@ -92,6 +98,14 @@ def test_two_images_two_turns_match_transformers(client, media_server, tiny_chec
                                      pil, max_new_tokens=MAX_TOKENS)
     assert text_2 == ref_2 and usage_2.completion_tokens == ref_count_2
     assert usage_2.prompt_tokens > usage_1.prompt_tokens
+
+
+def test_text_chat_matches_transformers(client, tiny_checkpoint):
+    messages = [{"role": "system", "content": "You are terse."},
+                {"role": "user", "content": "What is the color of a clear sky at noon?"}]
+    text, usage, _ = stream_chat(client, messages, temperature=0, max_tokens=MAX_TOKENS)
+    ref, ref_count = hf_generate(tiny_checkpoint, messages, max_new_tokens=MAX_TOKENS)
+    assert text == ref and usage.completion_tokens == ref_count
 
 
 def test_video_with_fps_matches_transformers(client, media_server, tiny_checkpoint):

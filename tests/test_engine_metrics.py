@@ -11,6 +11,7 @@ import uuid
 import httpx
 import numpy as np
 import openai
+import pytest
 import tritonclient.grpc as grpcclient
 from transformers import AutoConfig
 from tritonclient.utils import np_to_triton_dtype
@@ -48,10 +49,13 @@ def chat(client: openai.OpenAI, text: str) -> None:
         pass
 
 
-def test_kv_and_prefix_cache_metrics(stack):
+@pytest.mark.parametrize("engine", ["vllm", "native"])
+def test_kv_and_prefix_cache_metrics(engine, request):
+    stack = request.getfixturevalue(f"{engine}_stack")
     client = openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused", max_retries=0, timeout=120)
     before = metrics(stack)
-    question = "Tell me about the weather in a city with many bridges and rivers. " * 3
+    # Longer than one of vLLM's 128-token CPU KV blocks.
+    question = "Tell me about the weather in a city with many bridges and rivers. " * 12
     chat(client, question)
     chat(client, question)  # same prompt: its full blocks come from the prefix cache
 
@@ -66,7 +70,8 @@ def test_kv_and_prefix_cache_metrics(stack):
     assert after[PREFIX + "tokens_per_step"] >= 1 and PREFIX + "preemptions_total" in after
 
 
-def llm_first_token(stack, input_ids: np.ndarray, embeds: np.ndarray, media_keys: list[str]) -> None:
+def llm_first_token(stack, input_ids: np.ndarray, embeds: np.ndarray, media_keys: list[str],
+                    grids: np.ndarray) -> None:
     """One greedy token straight from the `llm` model, with given media embeddings and content keys."""
     responses: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(stack.triton.grpc_url)
@@ -78,6 +83,7 @@ def llm_first_token(stack, input_ids: np.ndarray, embeds: np.ndarray, media_keys
         "ROPE_DELTA": np.zeros(1, dtype=np.int64),
         "MEDIA_EMBEDS": embeds,
         "MEDIA_KEYS": np.asarray([key.encode() for key in media_keys], dtype=np.object_),
+        "MEDIA_GRID_THW": grids,
         "SAMPLING": np.asarray([json.dumps({"max_tokens": 1}).encode()], dtype=np.object_),
     }
     inputs = []
@@ -97,21 +103,24 @@ def llm_first_token(stack, input_ids: np.ndarray, embeds: np.ndarray, media_keys
         client.close()
 
 
-def test_prefix_cache_matches_media_by_their_content_keys(stack, tiny_checkpoint):
+@pytest.mark.parametrize("engine", ["vllm", "native"])
+def test_prefix_cache_matches_media_by_their_content_keys(engine, request, tiny_checkpoint):
     """The vlm model sends each medium's content key (MEDIA_KEYS); the llm's prefix cache matches media
     by it rather than by their embedding rows, which a GPU ViT need not reproduce bit for bit."""
+    stack = request.getfixturevalue(f"{engine}_stack")
     config = AutoConfig.from_pretrained(tiny_checkpoint)
-    pads = 64  # four 16-token KV blocks of image tokens
+    grid = np.asarray([[1, 32, 32]], dtype=np.int64)  # 256 image tokens: full KV blocks of 16 (native), 128 (vLLM)
+    pads = int(grid.prod()) // config.vision_config.spatial_merge_size**2
     input_ids = np.asarray([11, 12, 13] + [config.image_token_id] * pads + [14, 15], dtype=np.int64)
     rows = np.random.default_rng(0).standard_normal((2, pads, config.text_config.hidden_size)).astype(np.float32)
 
     def hit_tokens_of(embeds: np.ndarray, key: str) -> float:
         before = metrics(stack)
-        llm_first_token(stack, input_ids, embeds, [key])
+        llm_first_token(stack, input_ids, embeds, [key], grid)
         after = settled_metrics(stack, before.get(PREFIX + "steps_total", 0))
         return after[PREFIX + "prefix_cache_hit_tokens_total"] - before.get(PREFIX + "prefix_cache_hit_tokens_total", 0)
 
     key = uuid.uuid4().hex
     assert hit_tokens_of(rows[0], key) == 0
-    assert hit_tokens_of(rows[1], key) == 64  # other rows, same key: every full block is reused
+    assert hit_tokens_of(rows[1], key) == 256  # other rows, same key: every full block is reused
     assert hit_tokens_of(rows[0], uuid.uuid4().hex) == 0  # the first rows under a new key: nothing

@@ -6,7 +6,14 @@ import re
 
 import pytest
 
-from export.generate_repository import RepositoryOptions, default_vit_cpu_threads, generate_repository
+from export.generate_repository import (
+    DEFAULT_CPU_KV_CACHE_BYTES,
+    DEFAULT_GPU_MEMORY_UTILIZATION,
+    RepositoryOptions,
+    default_vit_cpu_threads,
+    generate_repository,
+)
+from vlmserve.llm_serving.engine_config import EngineConfig
 
 
 def test_gpu_target_pins_one_vit_instance_group_per_gpu(tmp_path):
@@ -19,7 +26,48 @@ def test_gpu_target_pins_one_vit_instance_group_per_gpu(tmp_path):
     groups = re.findall(r"\{ kind: KIND_GPU count: (\d+) gpus: \[ (\d+) \] \}", vit)
     assert groups == [("2", "0"), ("2", "1"), ("2", "2"), ("2", "3")]
     assert (repo / "vit" / "1" / "model.plan").read_bytes() == b"plan"
-    assert 'string_value: "cuda"' in (repo / "llm" / "config.pbtxt").read_text()
+    # vLLM spans the same GPUs with tensor parallelism and leaves the ViT instances their share.
+    config = EngineConfig.read(repo / "llm" / "1")
+    assert config.engine == "vllm" and config.checkpoint == str(tmp_path.resolve())
+    assert config.args["tensor_parallel_size"] == 4
+    assert config.args["gpu_memory_utilization"] == DEFAULT_GPU_MEMORY_UTILIZATION < 1
+    assert config.args["dtype"] == "float32" and config.args["enable_prefix_caching"] is True
+    assert "kv_cache_memory_bytes" not in config.args and "max_model_len" not in config.args  # vLLM's defaults
+
+
+def test_engine_config_is_passed_through_whole(tmp_path):
+    engine = tmp_path / "vit.plan"
+    engine.write_bytes(b"plan")
+    opts = RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", target="gpu", vit_engine=engine,
+                             gpus=[0, 1, 2, 3, 4, 5, 6, 7], tensor_parallel_size=4, gpu_memory_utilization=0.7,
+                             max_model_len=8192, kv_cache_bytes=2**34, enforce_eager=True, quantization="fp8",
+                             llm_dtype="bfloat16", enable_prefix_caching=False, llm_engine_args={"swap_space": 8})
+    repo = generate_repository(opts)
+    args = EngineConfig.read(repo / "llm" / "1").args
+    assert args == {"tensor_parallel_size": 4, "gpu_memory_utilization": 0.7, "max_model_len": 8192,
+                    "kv_cache_memory_bytes": 2**34, "enforce_eager": True, "quantization": "fp8",
+                    "dtype": "bfloat16", "enable_prefix_caching": False, "swap_space": 8}
+    # vlm refuses prompts over the engine's context before any work.
+    assert 'key: "max_model_len" value: { string_value: "8192" }' in (repo / "vlm" / "config.pbtxt").read_text()
+
+
+def test_cpu_defaults_and_the_native_engine(tmp_path):
+    onnx = tmp_path / "vit.onnx"
+    onnx.write_bytes(b"onnx")
+    vllm = EngineConfig.read(generate_repository(RepositoryOptions(
+        checkpoint=tmp_path, out=tmp_path / "vllm", vit_onnx=onnx)) / "llm" / "1")
+    assert vllm.args == {"dtype": "float32", "enable_prefix_caching": True, "enforce_eager": False,
+                         "tensor_parallel_size": 1, "kv_cache_memory_bytes": DEFAULT_CPU_KV_CACHE_BYTES}
+    native = EngineConfig.read(generate_repository(RepositoryOptions(
+        checkpoint=tmp_path, out=tmp_path / "native", vit_onnx=onnx, llm_engine="native", llm_threads=1,
+        kv_cache_bytes=2**20, kv_block_size=32)) / "llm" / "1")
+    assert native.engine == "native"
+    assert native.args == {"dtype": "float32", "enable_prefix_caching": True, "torch_threads": 1,
+                           "kv_cache_bytes": 2**20, "block_size": 32}
+    with pytest.raises(ValueError, match="unknown LLM engine 'tgi'"):
+        generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "bad", vit_onnx=onnx,
+                                              llm_engine="tgi"))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_cpu_target_serves_the_onnx_graph_from_python(tmp_path):

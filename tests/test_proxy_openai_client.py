@@ -109,13 +109,14 @@ def test_stop_strings_end_the_answer_with_finish_reason_stop(client):
 
 
 def test_vllm_sampling_extensions_reach_the_engine(client):
-    messages = [{"role": "user", "content": "Name three colours."}]
-    greedy = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0)
+    # Long enough for the tiny checkpoint's greedy answer to repeat itself, which the penalty must change.
+    messages = [{"role": "user", "content": "Name three colours, then three more colours."}]
+    greedy = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0)
     # min_p 1 keeps only the most likely token: sampling at temperature 1 must give the greedy answer.
-    only_top = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=1, seed=3,
+    only_top = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=1, seed=3,
                                               extra_body={"min_p": 1.0, "top_k": -1})
     assert only_top.choices[0].message.content == greedy.choices[0].message.content
-    penalized = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=12, temperature=0,
+    penalized = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=32, temperature=0,
                                                extra_body={"repetition_penalty": 2.0})
     assert penalized.choices[0].message.content != greedy.choices[0].message.content
     with pytest.raises(openai.BadRequestError, match="min_p"):

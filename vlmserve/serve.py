@@ -8,16 +8,19 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import signal
 import sys
 import time
 from pathlib import Path
 
 from export.tiny_model import build_tiny_checkpoint
-from vlmserve.deployment import Stack, prepare_cpu_repository
+from vlmserve.deployment import TRITON_STOP_S, Stack, prepare_cpu_repository
+from vlmserve.llm_serving.engine_config import ENGINES
 from vlmserve.triton_server import REPO_ROOT, TritonPorts
 
 DEFAULT_WORKDIR = REPO_ROOT / "build"
+STOP_MARGIN_S = 1 + TRITON_STOP_S + 1  # proxy exit, tritonserver exit, killing what is left
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,10 +32,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--http-port", type=int, default=8010, help="Triton HTTP port")
     parser.add_argument("--served-model-name", default=None)
+    parser.add_argument("--llm-engine", choices=ENGINES, default="vllm",
+                        help="vllm, or the project's native reference engine")
     parser.add_argument("--llm-threads", type=int, default=0,
-                        help="torch threads for the LLM (default: torch's; 1 for the small checkpoint)")
+                        help="native engine: torch threads (default: torch's; 1 for the small checkpoint)")
+    parser.add_argument("--shutdown-grace-s", type=float, default=4.0,
+                        help="on Ctrl-C/SIGTERM, how long requests in flight may still run; everything has "
+                             f"stopped {STOP_MARGIN_S:g} s after it at most")
     # Everything not listed here goes to the proxy, e.g. --api-key, --allow-media-network 10.0.0.0/8.
     args, proxy_args = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -42,23 +51,29 @@ def main(argv: list[str] | None = None) -> None:
     checkpoint = checkpoint.resolve()
     deploy_dir = args.workdir / "deploy" / checkpoint.name
     llm_threads = args.llm_threads or (1 if args.checkpoint is None else 0)
-    repository = prepare_cpu_repository(checkpoint, deploy_dir, llm_threads=llm_threads)
+    repository = prepare_cpu_repository(checkpoint, deploy_dir, llm_engine=args.llm_engine, llm_threads=llm_threads)
+    # The proxy drains for the grace period, then gets a second to exit before it is killed; tritonserver
+    # gets TRITON_STOP_S after that (Stack.stop): within STOP_MARGIN_S together.
     stack = Stack.create(repository, deploy_dir, args.served_model_name or checkpoint.name,
-                         TritonPorts(args.http_port, args.grpc_port, args.metrics_port), args.port, proxy_args)
-    stack.start()
-    print(f"Triton gRPC   127.0.0.1:{args.grpc_port}  (metrics http://127.0.0.1:{args.metrics_port}/metrics)")
-    print(f"OpenAI API    {stack.proxy.base_url}  model={stack.proxy.model_name}")
-    print(f"Logs          {deploy_dir}/tritonserver.log, {deploy_dir}/proxy.log   (Ctrl-C stops)", flush=True)
-    # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored.
+                         TritonPorts(args.http_port, args.grpc_port, args.metrics_port), args.port,
+                         [*proxy_args, "--shutdown-grace-s", str(args.shutdown_grace_s)],
+                         proxy_stop_s=args.shutdown_grace_s + 1)
+    # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored. Set before the
+    # start, so that a Ctrl-C during it still stops what has started.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: sys.exit(0))
     try:
+        stack.start()
+        print(f"Triton gRPC   127.0.0.1:{args.grpc_port}  (metrics http://127.0.0.1:{args.metrics_port}/metrics)")
+        print(f"OpenAI API    {stack.proxy.base_url}  model={stack.proxy.model_name}")
+        print(f"Logs          {deploy_dir}/tritonserver.log, {deploy_dir}/proxy.log   (Ctrl-C stops)", flush=True)
         while stack.running():
             time.sleep(1)
-        sys.exit("a server process exited; see the logs above")
+        sys.exit("the proxy exited; see the logs above")
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the stop short
+            signal.signal(signum, signal.SIG_IGN)
         stack.stop()
-
 
 if __name__ == "__main__":
     main()

@@ -112,6 +112,11 @@ class LLMEngine:
         with self._lock:
             return bool(self._inbox) or self.scheduler.has_unfinished()
 
+    def live_request_ids(self) -> list[str]:
+        """Requests added and neither finished nor aborted."""
+        with self._lock:
+            return list(self._live)
+
     def kv_blocks_total(self) -> int:
         return self.blocks.num_blocks
 

@@ -1,36 +1,34 @@
-"""Triton `llm`: decoupled Python-backend model that streams tokens from the batching engine.
+"""Triton `llm`: decoupled Python-backend model that streams tokens from the LLM engine.
 
-`execute` only hands requests to the engine; one background thread runs engine steps, so
-requests that arrive while others decode join the running batch at the next step, and another
-sends the responses it produces.
+A thin adapter: the engine (vLLM, or the project's native reference engine) and the serving loop
+live in vlmserve.llm_serving; `llm/1/engine.json` picks the engine and holds its settings.
 A request with ABORT=true is a control message from `vlm`: it cancels the REQUEST_ID it names.
 """
 
 import json
-import queue
+import locale
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
-import torch
 import triton_python_backend_utils as pb_utils
-from transformers import GenerationConfig
 
-from vlmserve.engine import LLMEngine, SamplingParams
 from vlmserve.errors import InvalidRequest
-from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
+from vlmserve.llm_serving.engine_config import EngineConfig
+from vlmserve.llm_serving.request import GenerationRequest, TokenChunk, split_media
+from vlmserve.llm_serving.server import LLMServer
+from vlmserve.triton_utils import optional_input, required_input, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-IDLE_WAIT_S = 0.05
 
 
 class EngineMetrics:
     """Engine counters published as Triton custom metrics (served on Triton's /metrics).
 
-    Every metric update is a round trip to the Triton process (a whole publish took ~0.5 ms a step
-    on a 2-core host, a tenth of a decode step), so while the engine runs they go out at most every
-    PUBLISH_INTERVAL_S (scrapes come seconds apart), and once more when it goes idle, so that the
-    figures at rest are exact.
+    Every metric update is a round trip to the Triton process (a whole publish took ~0.5 ms on a
+    2-core host), so while the engine runs they go out at most every PUBLISH_INTERVAL_S (scrapes
+    come seconds apart), and once more when it goes idle, so that the figures at rest are exact.
     """
 
     PUBLISH_INTERVAL_S = 0.1
@@ -69,9 +67,11 @@ class EngineMetrics:
         self._published_at = 0.0
         self._published: tuple = ()
 
-    def publish(self, engine: LLMEngine, active_requests: int, idle: bool) -> None:
-        stats = engine.stats
-        gauges = [(self.active, active_requests), (self.max_batch, stats.max_batch_size),
+    def publish(self, server: LLMServer) -> None:
+        engine, stats = server.engine, server.engine.stats
+        active = server.active_requests
+        idle = active == 0 and not engine.has_unfinished()
+        gauges = [(self.active, active), (self.max_batch, stats.max_batch_size),
                   (self.running, stats.num_running), (self.waiting, stats.num_waiting),
                   (self.step_tokens, stats.last_num_tokens), (self.blocks_used, engine.kv_blocks_used())]
         totals = {name: getattr(stats, name) for name in self._counters}
@@ -88,147 +88,81 @@ class EngineMetrics:
                 self._exported[name] = total
 
 
+class TritonStream:
+    """A decoupled response sender as the serving loop's ResponseStream."""
+
+    def __init__(self, sender) -> None:
+        self.sender = sender
+
+    def send(self, chunk: TokenChunk) -> None:
+        if chunk.error is not None:
+            self.sender.send(pb_utils.InferenceResponse(error=triton_error(chunk.error)), flags=FINAL)
+            return
+        self.sender.send(pb_utils.InferenceResponse([
+            pb_utils.Tensor("TOKEN_IDS", np.asarray(chunk.token_ids, dtype=np.int64)),
+            pb_utils.Tensor("FINISH_REASON", np.asarray([chunk.finish_reason or ""], dtype=np.object_)),
+        ]), flags=FINAL if chunk.finished else 0)
+
+    def close(self) -> None:
+        self.sender.send(flags=FINAL)  # also when cancelled: without it Triton counts the request in flight
+
+    def is_cancelled(self) -> bool:
+        return self.sender.is_cancelled()
+
+
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        checkpoint = params["checkpoint_dir"]
-        if "torch_threads" in params:
-            torch.set_num_threads(int(params["torch_threads"]))
-        self.engine = LLMEngine(
-            checkpoint,
-            device=params.get("device", "cuda" if torch.cuda.is_available() else "cpu"),
-            dtype=getattr(torch, params.get("dtype", "float32")),
-            max_num_seqs=int(params.get("max_num_seqs", "64")),
-            max_num_batched_tokens=int(params.get("max_num_batched_tokens", "2048")),
-            block_size=int(params.get("kv_block_size", "16")),
-            kv_cache_bytes=int(params["kv_cache_bytes"]) if "kv_cache_bytes" in params else None,
-            kv_cache_memory_fraction=(float(params["kv_cache_memory_fraction"])
-                                      if "kv_cache_memory_fraction" in params else None),
-            enable_prefix_caching=params.get("enable_prefix_caching", "true").lower() == "true",
-        )
-        eos = GenerationConfig.from_pretrained(checkpoint).eos_token_id
-        self.eos_ids = tuple(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        self.metrics = EngineMetrics(self.engine.kv_blocks_total())
-        self.incoming: queue.Queue = queue.Queue()
-        self.senders: dict[str, object] = {}
+        # The backend stub runs Python in the C locale; vLLM (through torch's inductor) reads UTF-8 files.
+        locale.setlocale(locale.LC_CTYPE, "C.UTF-8")
+        config = EngineConfig.read(Path(args["model_repository"]) / args["model_version"])
+        self.server = LLMServer(config.engine_factory())
+        self.metrics = EngineMetrics(self.server.engine.kv_blocks_total())
         self.running = True
-        # Sending a response is a round trip to Triton (~1 ms on a small CPU host); a thread of its
-        # own sends them, in order, while the engine already runs the next step.
-        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self.thread = threading.Thread(target=self._loop, name="llm-engine", daemon=True)
-        self.send_thread = threading.Thread(target=self._send_loop, name="llm-responses", daemon=True)
-        self.send_thread.start()
-        self.thread.start()
+        self.metrics_thread = threading.Thread(target=self._publish_loop, name="llm-metrics", daemon=True)
+        self.metrics_thread.start()
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
             try:
-                self.incoming.put(self._parse(request, sender))
+                self._handle(request, sender)
             except Exception as exc:
                 sender.send(pb_utils.InferenceResponse(error=triton_error(exc)), flags=FINAL)
         return None
 
-    def _parse(self, request, sender) -> tuple:
+    def _handle(self, request, sender) -> None:
         request_id = required_input(request, "REQUEST_ID").reshape(-1)[0].decode()
         abort = optional_input(request, "ABORT")
         if abort is not None and bool(abort.reshape(-1)[0]):
+            self.server.abort(request_id)
             sender.send(flags=FINAL)
-            return ("abort", request_id)
+            return
+        self.server.submit(self._parse(request, request_id), TritonStream(sender))
+
+    def _parse(self, request, request_id: str) -> GenerationRequest:
         try:
-            fields = json.loads(required_input(request, "SAMPLING").reshape(-1)[0])
-            stop_ids = tuple(fields.pop("stop_token_ids", ())) + self.eos_ids
-            sampling = SamplingParams(**fields, stop_token_ids=stop_ids)
-        except (ValueError, TypeError) as exc:
+            sampling = json.loads(required_input(request, "SAMPLING").reshape(-1)[0])
+        except ValueError as exc:
             raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
-        media = optional_input(request, "MEDIA_EMBEDS")
+        if not isinstance(sampling, dict):
+            raise InvalidRequest("SAMPLING must be a JSON object")
+        input_ids = required_input(request, "INPUT_IDS").astype(np.int64).reshape(-1)
         keys = optional_input(request, "MEDIA_KEYS")
-        return ("add", request_id, sender, dict(
-            input_ids=required_input(request, "INPUT_IDS").astype(np.int64).reshape(-1),
+        media = split_media(input_ids, optional_input(request, "MEDIA_EMBEDS"),
+                            [] if keys is None else [key.decode() for key in keys.reshape(-1)],
+                            optional_input(request, "MEDIA_GRID_THW"), self.server.engine.media_token_ids)
+        return GenerationRequest(
+            request_id=request_id, input_ids=input_ids,
             position_ids=required_input(request, "POSITION_IDS").astype(np.int64),
             rope_delta=int(required_input(request, "ROPE_DELTA").reshape(-1)[0]),
-            media_embeds=None if media is None or media.size == 0 else media,
-            sampling=sampling,
-            media_hashes=None if keys is None else [key.decode() for key in keys.reshape(-1)],
-        ))
+            sampling=sampling, media=media)
 
-    def _loop(self) -> None:
+    def _publish_loop(self) -> None:
         while self.running:
-            self._admit(block=not self.engine.has_unfinished())
-            self._drop_cancelled()
-            if not self.engine.has_unfinished():
-                self.metrics.publish(self.engine, len(self.senders), idle=True)
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as exc:  # fail what is running, keep serving
-                self._fail_all(exc)
-                continue
-            self.metrics.publish(self.engine, len(self.senders), idle=False)
-            for out in outputs:
-                self._send(out)
-
-    def _admit(self, block: bool) -> None:
-        try:
-            item = self.incoming.get(timeout=IDLE_WAIT_S) if block else self.incoming.get_nowait()
-        except queue.Empty:
-            return
-        while True:
-            if item[0] == "abort":
-                self._finish(item[1])
-            else:
-                _, request_id, sender, kwargs = item
-                try:
-                    self.engine.add_request(request_id, **kwargs)
-                    self.senders[request_id] = sender
-                except Exception as exc:
-                    self.outbox.put((sender, pb_utils.InferenceResponse(error=triton_error(exc)), FINAL))
-            try:
-                item = self.incoming.get_nowait()
-            except queue.Empty:
-                return
-
-    def _drop_cancelled(self) -> None:
-        for request_id, sender in list(self.senders.items()):
-            if sender.is_cancelled():
-                self._finish(request_id)
-
-    def _finish(self, request_id: str) -> None:
-        """Abort in the engine and close the stream (no-op for requests already finished)."""
-        sender = self.senders.pop(request_id, None)
-        if sender is None:
-            return
-        self.engine.abort(request_id)
-        self.outbox.put((sender, None, FINAL))  # also when cancelled: without it Triton counts the request in flight
-
-    def _send(self, out) -> None:
-        sender = self.senders.get(out.request_id)
-        if sender is None:
-            return
-        tensors = [
-            pb_utils.Tensor("TOKEN_IDS", np.asarray([out.token_id], dtype=np.int64)),
-            pb_utils.Tensor("FINISH_REASON", np.asarray([out.finish_reason or ""], dtype=np.object_)),
-        ]
-        self.outbox.put((sender, pb_utils.InferenceResponse(tensors), FINAL if out.finished else 0))
-        if out.finished:
-            del self.senders[out.request_id]
-
-    def _send_loop(self) -> None:
-        while (item := self.outbox.get()) is not None:
-            sender, response, flags = item
-            try:
-                sender.send(response, flags=flags)
-            except Exception:  # this request is gone (cancelled and closed); the others go on
-                pass
-
-    def _fail_all(self, exc: Exception) -> None:
-        for request_id, sender in list(self.senders.items()):
-            self.engine.abort(request_id)
-            self.outbox.put((sender, pb_utils.InferenceResponse(error=triton_error(exc)), FINAL))
-        self.senders.clear()
+            self.metrics.publish(self.server)
+            time.sleep(0.02)
 
     def finalize(self):
         self.running = False
-        self.thread.join(timeout=10)
-        self.outbox.put(None)
-        self.send_thread.join(timeout=10)
+        self.metrics_thread.join(timeout=5)
+        self.server.shutdown()

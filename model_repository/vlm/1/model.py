@@ -18,7 +18,7 @@ from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from vlmserve.errors import INVALID_REQUEST_PREFIX, InvalidRequest
 from vlmserve.media_encoder import Encoded, MediaEncoder
 from vlmserve.mrope import mrope_positions
-from vlmserve.prompt import PromptBuilder, media_parts, validate_messages
+from vlmserve.prompt import PromptBuilder, check_context, media_parts, validate_messages
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -87,16 +87,14 @@ class TritonPythonModel:
         sampling = dict(body.get("sampling") or {})
         media = optional_input(request, "MEDIA")
         media = [] if media is None else list(media.reshape(-1))
+        max_tokens = int(sampling.get("max_tokens") or DEFAULT_MAX_TOKENS)
         if "prompt" in body:  # a plain-text prompt (text completions) instead of chat messages
             if media or "messages" in body:
                 raise InvalidRequest("a request with a prompt takes neither messages nor media")
             input_ids, grids, encoded = self.prompts.raw(body["prompt"]), [], []
+            check_context(len(input_ids), max_tokens, self.max_model_len)
         else:
-            input_ids, grids, encoded = await self._chat_prompt(body.get("messages"), media)
-        max_tokens = int(sampling.get("max_tokens") or DEFAULT_MAX_TOKENS)
-        if len(input_ids) + max_tokens > self.max_model_len:
-            raise InvalidRequest(f"prompt ({len(input_ids)} tokens) plus max_tokens ({max_tokens}) exceeds the "
-                                 f"context length {self.max_model_len}")
+            input_ids, grids, encoded = await self._chat_prompt(body.get("messages"), media, max_tokens)
         image_grids = [g for kind, g in grids if kind == "image"]
         video_grids = [g for kind, g in grids if kind == "video"]
         position_ids, rope_delta = mrope_positions(
@@ -107,7 +105,7 @@ class TritonPythonModel:
         await self._stream(sender, input_ids, position_ids, rope_delta, encoded, llm_sampling,
                            stop=sampling.get("stop") or [])
 
-    async def _chat_prompt(self, messages, media: list) -> tuple[np.ndarray, list, list[Encoded]]:
+    async def _chat_prompt(self, messages, media: list, max_tokens: int) -> tuple[np.ndarray, list, list[Encoded]]:
         """Prompt ids of chat messages, with (kind, grid) and the encoding of each medium."""
         messages = validate_messages(messages)
         parts = media_parts(messages)
@@ -115,8 +113,13 @@ class TritonPythonModel:
             raise InvalidRequest(f"{len(parts)} image/video parts but {len(media)} media inputs")
         if len(media) > self.max_media:
             raise InvalidRequest(f"at most {self.max_media} images/videos per request, got {len(media)}")
+        kinds = [part["type"] for part in parts]
+
+        def admit(grids: list[np.ndarray]) -> None:  # the grids fix the prompt length: reject before ViT work
+            check_context(len(self.prompts.build(messages, list(zip(kinds, grids)))), max_tokens, self.max_model_len)
+
         # Deduplicated, cached and batched by vlmserve.media_encoder.
-        encoded = await self.media.encode(parts, media)
+        encoded = await self.media.encode(parts, media, admit)
         grids = [(part["type"], e.grid_thw) for part, e in zip(parts, encoded)]
         return self.prompts.build(messages, grids), grids, encoded
 
@@ -135,6 +138,7 @@ class TritonPythonModel:
             # The media's content keys let the llm's prefix cache match them without hashing embeddings.
             inputs.append(pb_utils.Tensor("MEDIA_KEYS", np.asarray([e.key.encode() for e in encoded],
                                                                    dtype=np.object_)))
+            inputs.append(pb_utils.Tensor("MEDIA_GRID_THW", np.stack([e.grid_thw for e in encoded]).astype(np.int64)))
         responses = await pb_utils.InferenceRequest(
             model_name="llm", inputs=inputs, requested_output_names=["TOKEN_IDS", "FINISH_REASON"]
         ).async_exec(decoupled=True)
