@@ -89,8 +89,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep", type=lambda s: tuple(int(c) for c in s.split(",")), default=defaults.sweep,
                         help="concurrencies of the reference workload's sweep")
     parser.add_argument("--sweep-min-requests", type=int, default=defaults.sweep_min_requests)
-    parser.add_argument("--max-model-len", type=int, default=8192, help="vLLM's (a 1920x1080 image is 2.7k tokens)")
-    parser.add_argument("--kv-cache-gib", type=float, default=2.0, help="vLLM's KV cache (VLLM_CPU_KVCACHE_SPACE)")
+    parser.add_argument("--max-model-len", type=int, default=8192,
+                        help="context of both servers (a 1920x1080 image is 2.7k tokens)")
+    parser.add_argument("--kv-cache-gib", type=float, default=2.0,
+                        help="KV cache of both servers (vLLM's VLLM_CPU_KVCACHE_SPACE)")
     parser.add_argument("--ours-url", help="our stack already running; its proxy must be allowed to fetch from "
                         "127.0.0.1 (--allow-media-network 127.0.0.0/8)")
     parser.add_argument("--peer-url", help="vLLM's OpenAI server already running on the same checkpoint")
@@ -147,7 +149,7 @@ def start_servers(running: contextlib.ExitStack, args: argparse.Namespace, check
         targets = [Target(OURS, args.ours_url, args.served_model_name)]
     else:
         targets = [start_our_stack(running, checkpoint, out / "deploy", args.served_model_name, args.llm_threads,
-                                   engine) for engine in args.engines or [None]]
+                                   engine, args.max_model_len, args.kv_cache_gib) for engine in args.engines or [None]]
     if args.peer_url:
         targets.append(Target(VLLM, args.peer_url, args.peer_model, fps_in_media_io_kwargs=True))
     else:
@@ -161,14 +163,15 @@ def start_servers(running: contextlib.ExitStack, args: argparse.Namespace, check
 
 
 def start_our_stack(running: contextlib.ExitStack, checkpoint: Path, deploy_root: Path, model_name: str,
-                    llm_threads: int, engine: str | None) -> Target:
+                    llm_threads: int, engine: str | None, max_model_len: int, kv_cache_gib: float) -> Target:
     """tritonserver with the CPU repository plus the proxy, stopped with `running`, with `engine` in the
-    llm model (None: the repository's default)."""
+    llm model (None: the repository's default), and the peer's context and KV cache size."""
     name = f"{OURS} ({engine})" if engine else OURS
     print(f"starting {name}", flush=True)
     deploy = deploy_root / (engine or "default")
     options = {"llm_engine": engine} if engine else {}
-    repository = prepare_cpu_repository(checkpoint, deploy, llm_threads=llm_threads, **options)
+    repository = prepare_cpu_repository(checkpoint, deploy, llm_threads=llm_threads, max_model_len=max_model_len,
+                                        kv_cache_bytes=int(kv_cache_gib * 2**30), **options)
     # The media server is on loopback, which the proxy refuses to fetch from unless told.
     stack = Stack.create(repository, deploy, model_name, TritonPorts.free(),
                          free_port(), proxy_args=["--allow-media-network", "127.0.0.0/8"])

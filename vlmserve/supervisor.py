@@ -15,7 +15,6 @@ import logging
 import threading
 from collections.abc import Callable
 
-from vlmserve.lifecycle import SHM_DIR
 from vlmserve.triton_server import StubInstance, TritonServer
 
 logger = logging.getLogger(__name__)
@@ -76,12 +75,17 @@ class Supervisor:
             logger.info("killed %d processes the dead stub left behind", len(orphans))
         for model in models:
             self.triton.reload_model(model)
-        # The backend leaves a dead stub's region in /dev/shm when it starts a new one.
-        for stub in dead:
-            (SHM_DIR / stub.region).unlink(missing_ok=True)
+        # The backend leaves a dead stub's region in /dev/shm when it starts a new one, and a live instance of
+        # the same model that the reload stopped may leave its own: once every stub is up again, no region of
+        # the deployment that none of them maps is in use.
+        live = self.triton.stub_instances()
+        in_use = {stub.region for stub in live.values()}
+        for region in self.triton.deployment.regions():
+            if region.name not in in_use:
+                region.unlink(missing_ok=True)
         self.restarts += 1
         logger.info("%s back", ", ".join(models))
-        return self.triton.stub_instances()
+        return live
 
     def _restart_server(self) -> dict[str, StubInstance]:
         self.triton.kill()
