@@ -114,14 +114,15 @@ class TritonPythonModel:
         if len(media) > self.max_media:
             raise InvalidRequest(f"at most {self.max_media} images/videos per request, got {len(media)}")
         kinds = [part["type"] for part in parts]
+        prompt: list[np.ndarray] = []  # the prompt admission built: the grids the ViT encodes fix it
 
         def admit(grids: list[np.ndarray]) -> None:  # the grids fix the prompt length: reject before ViT work
-            check_context(len(self.prompts.build(messages, list(zip(kinds, grids)))), max_tokens, self.max_model_len)
+            prompt[:] = [self.prompts.build(messages, list(zip(kinds, grids)))]
+            check_context(len(prompt[0]), max_tokens, self.max_model_len)
 
-        # Deduplicated, cached and batched by vlmserve.media_encoder.
+        # Deduplicated, cached and batched by vlmserve.media_encoder; it calls admit before any ViT work.
         encoded = await self.media.encode(parts, media, admit)
-        grids = [(part["type"], e.grid_thw) for part, e in zip(parts, encoded)]
-        return self.prompts.build(messages, grids), grids, encoded
+        return prompt[0], [(part["type"], e.grid_thw) for part, e in zip(parts, encoded)], encoded
 
     async def _stream(self, sender, input_ids, position_ids, rope_delta, encoded: list[Encoded], sampling,
                       stop) -> None:
