@@ -144,17 +144,12 @@ class VllmEngine:
 
     def abort(self, request_id: str) -> None:
         # On the loop, after the call that starts it: a task is cancelled where it runs.
-        asyncio.run_coroutine_threadsafe(self._abort(request_id), self.loop)
+        self.loop.call_soon_threadsafe(self._cancel, request_id)
 
-    async def _abort(self, request_id: str) -> None:
+    def _cancel(self, request_id: str) -> None:
         task = self._requests.pop(request_id, None)
-        if task is None:
-            return
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        # generate() aborts a cancelled request only once it has finished adding it; one cancelled while
-        # still being added (a client gone right after the first chunk of a cold start) would run to its end.
-        await self.engine.abort(request_id)
+        if task is not None:
+            task.cancel()
 
     def kv_blocks_total(self) -> int:
         return self.num_blocks
