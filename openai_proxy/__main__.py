@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 
 import uvicorn
 
@@ -42,6 +43,8 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument("--triton-url", default=defaults.triton_url, help="Triton gRPC host:port")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--fd", type=int, default=None,
+                        help="serve on this inherited listening socket instead of binding --host/--port")
     parser.add_argument("--served-model-name", default=defaults.served_model_name,
                         help="the model name clients send and /v1/models lists")
     parser.add_argument("--api-key", default=os.environ.get("VLM_API_KEY") or None,
@@ -90,7 +93,9 @@ def main(argv: list[str] | None = None) -> None:
     app = create_app(settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=settings.shutdown_grace_s + UVICORN_SHUTDOWN_MARGIN_S)
-    DrainingServer(config, app.state.lifetimes).run()
+    # A parent that picked the port hands over its listening socket, so no other process can take the port.
+    sockets = None if args.fd is None else [socket.socket(fileno=args.fd)]
+    DrainingServer(config, app.state.lifetimes).run(sockets=sockets)
 
 
 if __name__ == "__main__":

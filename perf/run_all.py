@@ -174,7 +174,7 @@ def start_our_stack(running: contextlib.ExitStack, checkpoint: Path, deploy_root
                                         kv_cache_bytes=int(kv_cache_gib * 2**30), **options)
     # The media server is on loopback, which the proxy refuses to fetch from unless told.
     stack = Stack.create(repository, deploy, model_name, TritonPorts.free(),
-                         free_port(), proxy_args=["--allow-media-network", "127.0.0.0/8"])
+                         0, proxy_args=["--allow-media-network", "127.0.0.0/8"])
     stack.start()
     running.callback(stack.stop)
     return Target(name, stack.proxy.base_url, model_name)

@@ -23,7 +23,6 @@ from PIL import Image
 from client.triton_vlm import TritonVLMClient
 from export.tiny_model import build_tiny_checkpoint
 from vlmserve.deployment import Stack, prepare_cpu_repository
-from vlmserve.processes import free_port
 from vlmserve.triton_server import TritonPorts
 
 
@@ -40,7 +39,7 @@ def checkpoint_or_tiny(checkpoint: Path | None, workdir: Path) -> Path:
 def running_stack(checkpoint: Path, workdir: Path, **repository_options) -> Iterator[Stack]:
     """tritonserver + proxy on free loopback ports; `repository_options` go to the repository generator."""
     repository = prepare_cpu_repository(checkpoint, workdir, **repository_options)
-    stack = Stack.create(repository, workdir, checkpoint.name, TritonPorts.free(), free_port())
+    stack = Stack.create(repository, workdir, checkpoint.name, TritonPorts.free(), 0)
     stack.start()
     try:
         yield stack

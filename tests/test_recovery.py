@@ -24,7 +24,7 @@ from PIL import Image
 from tests.conftest import running_stack
 from vlmserve.deployment import Stack
 from vlmserve.lifecycle import Deployment, descendants, parent_pids
-from vlmserve.processes import free_port
+from vlmserve.processes import free_ports
 from vlmserve.triton_server import REPO_ROOT
 
 NOT_READY_WITHIN_S = 5.0
@@ -197,8 +197,7 @@ def _listening(port: int) -> bool:
 
 
 def test_ctrl_c_on_serve_frees_every_port_within_10s_and_leaves_nothing(tiny_checkpoint, tmp_path):
-    ports = {"--port": free_port(), "--grpc-port": free_port(), "--metrics-port": free_port(),
-             "--http-port": free_port()}
+    ports = dict(zip(("--port", "--grpc-port", "--metrics-port", "--http-port"), free_ports(4)))
     command = [sys.executable, "-m", "vlmserve.serve", "--checkpoint", str(tiny_checkpoint), "--workdir",
                str(tmp_path), "--llm-engine", "native", *itertools.chain(*((k, str(v)) for k, v in ports.items()))]
     log = tmp_path / "serve.log"

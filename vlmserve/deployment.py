@@ -12,7 +12,7 @@ from pathlib import Path
 from export.generate_repository import RepositoryOptions, generate_repository
 from export.vision_onnx import export_vision_onnx
 from vlmserve.lifecycle import Deployment
-from vlmserve.processes import open_log, stop_process, wait_healthy
+from vlmserve.processes import listening_socket, open_log, stop_process, wait_healthy
 from vlmserve.supervisor import Supervisor
 from vlmserve.triton_server import REPO_ROOT, ServerExited, TritonPorts, TritonServer, triton_environment
 
@@ -46,13 +46,15 @@ class ProxyProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def start(self, timeout_s: float = 60.0) -> None:
+        """Start the proxy on `port` (0: any free port, then `port` says which)."""
         env = triton_environment()
-        with open_log(self.log_path) as log:
+        with open_log(self.log_path) as log, listening_socket(self.port) as sock:
+            self.port = sock.getsockname()[1]
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "openai_proxy", "--triton-url", self.triton_grpc_url, "--host", "127.0.0.1",
-                 "--port", str(self.port), "--served-model-name", self.model_name, *self.extra_args],
+                [sys.executable, "-m", "openai_proxy", "--triton-url", self.triton_grpc_url,
+                 "--fd", str(sock.fileno()), "--served-model-name", self.model_name, *self.extra_args],
                 cwd=REPO_ROOT, env=self.deployment.environment(env) if self.deployment else env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True)
+                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(sock.fileno(),))
         wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", timeout_s, "proxy", self.log_path)
 
     def stop(self, timeout_s: float = 40.0) -> None:

@@ -13,11 +13,33 @@ from typing import IO
 import httpx
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` different TCP ports on 127.0.0.1 that nothing listens on right now (all are held until all
+    are picked: one at a time, the kernel may hand out the same port twice)."""
+    with contextlib.ExitStack() as held:
+        sockets = [held.enter_context(socket.socket()) for _ in range(count)]
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    return free_ports(1)[0]
+
+
+def listening_socket(port: int) -> socket.socket:
+    """A socket listening on 127.0.0.1:`port` (0: any free port), to hand to a child server: it accepts
+    from the moment it exists, so nothing else can take the port while the child starts."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 @contextlib.contextmanager
@@ -37,7 +59,8 @@ def wait_healthy(process: subprocess.Popen, url: str, timeout_s: float, name: st
         if process.poll() is not None:
             raise RuntimeError(f"{name} exited with code {process.returncode}; see {log_path}")
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
+            # Alive after the answer too: a child that failed to bind may let something else answer.
+            if httpx.get(url, timeout=2).status_code == 200 and process.poll() is None:
                 return
         except httpx.HTTPError:
             pass

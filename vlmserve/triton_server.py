@@ -21,7 +21,7 @@ import httpx
 import tritonclient.grpc as grpcclient
 
 from vlmserve.lifecycle import Deployment, kill_and_wait, parent_pids
-from vlmserve.processes import free_port, open_log
+from vlmserve.processes import free_ports, open_log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,7 +72,7 @@ class TritonPorts:
     @classmethod
     def free(cls) -> TritonPorts:
         """Three ports nothing listens on (tests and benchmarks run beside other servers)."""
-        return cls(free_port(), free_port(), free_port())
+        return cls(*free_ports(3))
 
 
 class ServerExited(RuntimeError):
