@@ -50,6 +50,9 @@ class GenerationChunk:
     finish_reason: str | None  # None until the last chunk, then "stop" or "length"
     prompt_tokens: int
     completion_tokens: int  # cumulative
+    cached_tokens: int = 0  # prompt tokens the prefix cache served
+    # When asked for: OpenAI's logprob entries ({token, bytes, logprob, top_logprobs}) of this chunk's tokens.
+    logprobs: list[dict] | None = None
 
 
 def _bytes_input(name: str, values: list[bytes]) -> grpcclient.InferInput:
@@ -81,11 +84,14 @@ def _chunk(result: grpcclient.InferResult) -> GenerationChunk | None:
     text = result.as_numpy("TEXT")
     if text is None:  # the empty final response
         return None
+    logprobs = result.as_numpy("LOGPROBS")
     return GenerationChunk(
         text=text[0].decode("utf-8"),
         finish_reason=result.as_numpy("FINISH_REASON")[0].decode("utf-8") or None,
         prompt_tokens=int(result.as_numpy("PROMPT_TOKENS")[0]),
         completion_tokens=int(result.as_numpy("COMPLETION_TOKENS")[0]),
+        cached_tokens=int(result.as_numpy("CACHED_TOKENS")[0]),
+        logprobs=None if logprobs is None else json.loads(logprobs[0]),
     )
 
 

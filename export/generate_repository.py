@@ -194,7 +194,11 @@ def llm_config(opts: RepositoryOptions) -> str:
               _tensor("MEDIA_KEYS", "TYPE_STRING", [-1], optional=True),
               _tensor("MEDIA_GRID_THW", "TYPE_INT64", [-1, 3], optional=True),
               _tensor("SAMPLING", "TYPE_STRING", [1], optional=True), _tensor("ABORT", "TYPE_BOOL", [1], optional=True)]
-    outputs = [_tensor("TOKEN_IDS", "TYPE_INT64", [-1]), _tensor("FINISH_REASON", "TYPE_STRING", [1])]
+    outputs = [_tensor("TOKEN_IDS", "TYPE_INT64", [-1]), _tensor("FINISH_REASON", "TYPE_STRING", [1]),
+               # Only when the request asks for logprobs: the sampled tokens', then the top ones of each step.
+               _tensor("LOGPROBS", "TYPE_FP32", [-1]), _tensor("TOP_LOGPROB_IDS", "TYPE_INT64", [-1, -1]),
+               _tensor("TOP_LOGPROBS", "TYPE_FP32", [-1, -1]),
+               _tensor("CACHED_TOKENS", "TYPE_INT32", [1])]  # on the first response: prompt tokens the prefix cache served
     # One instance: the engine batches all requests itself (and spans GPUs with tensor parallelism).
     return _config("llm", 'backend: "python"', inputs, outputs, _cpu_instances(1), decoupled=True,
                    comment=f"Engine and its settings: 1/{CONFIG_FILE}")
@@ -203,7 +207,9 @@ def llm_config(opts: RepositoryOptions) -> str:
 def vlm_config(opts: RepositoryOptions) -> str:
     inputs = [_tensor("REQUEST", "TYPE_STRING", [1]), _tensor("MEDIA", "TYPE_STRING", [-1], optional=True)]
     outputs = [_tensor("TEXT", "TYPE_STRING", [1]), _tensor("FINISH_REASON", "TYPE_STRING", [1]),
-               _tensor("PROMPT_TOKENS", "TYPE_INT32", [1]), _tensor("COMPLETION_TOKENS", "TYPE_INT32", [1])]
+               _tensor("PROMPT_TOKENS", "TYPE_INT32", [1]), _tensor("COMPLETION_TOKENS", "TYPE_INT32", [1]),
+               _tensor("CACHED_TOKENS", "TYPE_INT32", [1]),
+               _tensor("LOGPROBS", "TYPE_STRING", [1])]  # JSON: OpenAI's logprob entries of the tokens in TEXT
     params = {**_media_parameters(opts), "vit_cache": str(opts.vit_cache_mb > 0).lower(),
               "vit_max_patches": opts.vit_max_patches or default_vit_max_patches(opts.target)}
     if opts.max_model_len:

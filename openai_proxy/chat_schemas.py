@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from openai_proxy.schemas import GenerationRequest, StrictModel, Usage
+from openai_proxy.schemas import MAX_LOGPROBS, GenerationRequest, StrictModel, StructuredOutputs, Usage
 
 # --- request -------------------------------------------------------------------------------------
 
@@ -77,18 +78,104 @@ class UserMessage(StrictModel):
     name: str | None = None
 
 
+class FunctionCall(StrictModel):
+    name: str = Field(min_length=1)
+    arguments: str  # JSON text, as the model wrote it (in an answer cut off by max_tokens, not complete)
+
+
+class ToolCall(StrictModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class SentFunctionCall(FunctionCall):
+    """A call of an earlier turn, which goes back into the prompt: its arguments must parse."""
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_object(cls, arguments: str) -> str:
+        try:
+            if isinstance(json.loads(arguments), dict):
+                return arguments
+        except ValueError:
+            pass
+        raise ValueError("tool call arguments must be a JSON object")
+
+
+class SentToolCall(ToolCall):
+    function: SentFunctionCall
+
+
 class AssistantMessage(StrictModel):
     role: Literal["assistant"]
-    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    content: str | Annotated[list[TextPart], Field(min_length=1)] | None = None
     name: str | None = None
+    tool_calls: list[SentToolCall] | None = None
     # What clients copy back from an earlier response; only empty values make sense here.
     refusal: None = None
-    tool_calls: Annotated[list[Any], Field(max_length=0)] | None = None
     function_call: None = None
     audio: None = None
 
+    @model_validator(mode="after")
+    def _says_something(self) -> AssistantMessage:
+        if self.content is None and not self.tool_calls:
+            raise ValueError("an assistant message needs content or tool_calls")
+        return self
 
-Message = Annotated[SystemMessage | UserMessage | AssistantMessage, Field(discriminator="role")]
+
+class ToolMessage(StrictModel):
+    role: Literal["tool"]
+    content: str | Annotated[list[TextPart], Field(min_length=1)]
+    tool_call_id: str
+
+
+Message = Annotated[SystemMessage | UserMessage | AssistantMessage | ToolMessage, Field(discriminator="role")]
+
+
+class FunctionDefinition(StrictModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema; none: no arguments
+    strict: bool | None = None
+
+
+class Tool(StrictModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(StrictModel):
+    name: str
+
+
+class NamedToolChoice(StrictModel):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class TextResponseFormat(StrictModel):
+    type: Literal["text"]
+
+
+class JSONObjectResponseFormat(StrictModel):
+    type: Literal["json_object"]
+
+
+class JSONSchema(StrictModel):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class JSONSchemaResponseFormat(StrictModel):
+    type: Literal["json_schema"]
+    json_schema: JSONSchema
+
+
+ResponseFormat = Annotated[TextResponseFormat | JSONObjectResponseFormat | JSONSchemaResponseFormat,
+                          Field(discriminator="type")]
 
 
 class ChatCompletionRequest(GenerationRequest):
@@ -99,7 +186,6 @@ class ChatCompletionRequest(GenerationRequest):
     metadata: Any = None
     store: Any = None
     service_tier: Any = None
-    parallel_tool_calls: Any = None
     prompt_cache_key: Any = None
     prompt_cache_options: Any = None
     prompt_cache_retention: Any = None
@@ -107,14 +193,15 @@ class ChatCompletionRequest(GenerationRequest):
     reasoning_effort: Any = None
     verbosity: Any = None
     moderation: Any = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    tools: list[Tool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None  # false: one call at most (tool_choice "required" makes exactly one)
+    response_format: ResponseFormat | None = None
     # Refused unless they ask for nothing (see GenerationRequest.NEUTRAL).
-    logprobs: Any = None
-    top_logprobs: Any = None
-    tools: Any = None
-    tool_choice: Any = None
     functions: Any = None
     function_call: Any = None
-    response_format: Any = None
     modalities: Any = None
     audio: Any = None
     prediction: Any = None
@@ -122,33 +209,91 @@ class ChatCompletionRequest(GenerationRequest):
 
     NEUTRAL: ClassVar[dict[str, tuple[tuple, str]]] = {
         **GenerationRequest.NEUTRAL,
-        "logprobs": ((None, False), "logprobs are not supported by this server"),
-        "top_logprobs": ((None,), "top_logprobs is not supported by this server (it returns no logprobs)"),
-        "tools": ((None, []), "tools are not supported by this server"),
-        "tool_choice": ((None, "none"), "tools are not supported by this server"),
-        "functions": ((None, []), "functions are not supported by this server"),
-        "function_call": ((None, "none"), "functions are not supported by this server"),
-        "response_format": ((None, {"type": "text"}), "only the text response_format is supported"),
+        "functions": ((None, []), "functions are deprecated; send tools"),
+        "function_call": ((None, "none"), "function_call is deprecated; send tool_choice"),
         "modalities": ((None, ["text"]), "only text output is supported"),
         "audio": ((None,), "audio output is not supported"),
         "prediction": ((None,), "predicted outputs are not supported"),
         "web_search_options": ((None,), "web search is not supported"),
     }
 
+    @model_validator(mode="after")
+    def _options_agree(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        names = [tool.function.name for tool in self.tools or []]
+        if len(set(names)) != len(names):
+            raise ValueError("tools has two functions of the same name")
+        if isinstance(self.tool_choice, NamedToolChoice) and self.tool_choice.function.name not in names:
+            raise ValueError(f"tool_choice names the function {self.tool_choice.function.name!r}, "
+                             f"which is not among the tools")
+        if self.tool_choice == "required" and not names:
+            raise ValueError("tool_choice 'required' needs tools")
+        constraints = [self.structured_outputs is not None,
+                       self.response_format is not None and self.response_format.type != "text",
+                       self.forced_tools]
+        if sum(constraints) > 1:
+            raise ValueError("only one of response_format, structured_outputs and a forced tool_choice may "
+                             "constrain the output")
+        return self
+
+    @property
+    def tool_mode(self) -> str:
+        """How the answer may call tools: "none", "auto", "required" or "named"."""
+        if not self.tools or self.tool_choice == "none":
+            return "none"
+        if isinstance(self.tool_choice, NamedToolChoice):
+            return "named"
+        return self.tool_choice or "auto"
+
+    @property
+    def forced_tools(self) -> bool:
+        return self.tool_mode in ("named", "required")
+
+    def output_constraint(self) -> StructuredOutputs | None:
+        """What the output must match: the response format's, or the extension's (forced tool calls: see tools)."""
+        if self.structured_outputs is not None:
+            return self.structured_outputs
+        if isinstance(self.response_format, JSONObjectResponseFormat):
+            return StructuredOutputs(json_object=True)
+        if isinstance(self.response_format, JSONSchemaResponseFormat):
+            return StructuredOutputs(json=self.response_format.json_schema.schema_ or {"type": "object"})
+        return None
+
 
 # --- responses -----------------------------------------------------------------------------------
 
 
+def _is_none(value: object) -> bool:
+    return value is None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    bytes: list[int]
+    logprob: float
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob] | None
+    refusal: None = None
+
+
 class AssistantReply(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    tool_calls: list[ToolCall] | None = Field(None, exclude_if=_is_none)
 
 
 class Choice(BaseModel):
     index: int = 0
     message: AssistantReply
     finish_reason: str
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -160,21 +305,31 @@ class ChatCompletion(BaseModel):
     usage: Usage
 
 
-def _is_none(value: object) -> bool:
-    return value is None
+class FunctionCallDelta(BaseModel):
+    name: str | None = Field(None, exclude_if=_is_none)
+    arguments: str
+
+
+class ToolCallDelta(BaseModel):
+    # The first delta of a call has its id, type and name; later ones only more of the arguments.
+    index: int
+    id: str | None = Field(None, exclude_if=_is_none)
+    type: Literal["function"] | None = Field(None, exclude_if=_is_none)
+    function: FunctionCallDelta
 
 
 class Delta(BaseModel):
-    # OpenAI sends only the keys that changed: the role once, then content.
+    # OpenAI sends only the keys that changed: the role once, then content or tool calls.
     role: Literal["assistant"] | None = Field(None, exclude_if=_is_none)
     content: str | None = Field(None, exclude_if=_is_none)
+    tool_calls: list[ToolCallDelta] | None = Field(None, exclude_if=_is_none)
 
 
 class ChunkChoice(BaseModel):
     index: int = 0
     delta: Delta
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):

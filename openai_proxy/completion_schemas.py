@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
-from openai_proxy.schemas import GenerationRequest, Usage
+from openai_proxy.schemas import MAX_LOGPROBS, GenerationRequest, Usage
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
 
@@ -14,19 +14,23 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
 class CompletionRequest(GenerationRequest):
     prompt: str
     max_tokens: int | None = Field(None, ge=1)
+    echo: bool | None = None
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top tokens per position
     # Refused unless they ask for nothing (see GenerationRequest.NEUTRAL).
-    echo: Any = None
-    logprobs: Any = None
     suffix: Any = None
     best_of: Any = None
 
     NEUTRAL: ClassVar[dict[str, tuple[tuple, str]]] = {
         **GenerationRequest.NEUTRAL,
-        "echo": ((None, False), "echo is not supported by this server"),
-        "logprobs": ((None,), "logprobs are not supported by this server"),
         "suffix": ((None, ""), "suffix is not supported by this server"),
         "best_of": ((None, 1), "only best_of=1 is supported"),
     }
+
+    @model_validator(mode="after")
+    def _echo_without_logprobs(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("echo with logprobs is not supported (it would need the prompt's logprobs)")
+        return self
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -39,11 +43,18 @@ class CompletionRequest(GenerationRequest):
         return prompt
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: str | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class TextCompletion(BaseModel):

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AsyncExitStack, aclosing
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -16,15 +17,28 @@ from openai_proxy.metrics import CLIENT_CLOSED_REQUEST, ProxyMetrics
 from openai_proxy.responses import ResponseFormat, collect
 from openai_proxy.streaming import sse_response
 
-Start = Callable[[], Awaitable[AsyncIterator[GenerationChunk]]]
+# One stream per choice (n of them).
+Start = Callable[[], Awaitable[Sequence[AsyncIterator[GenerationChunk]]]]
+
+
+async def _first_chunks(streams: Sequence[AsyncIterator[GenerationChunk]]) -> list[GenerationChunk]:
+    """The first chunk of every stream; if one fails, the others stop waiting (so that they can be closed)."""
+    tasks = [asyncio.ensure_future(anext(chunks)) for chunks in streams]
+    try:
+        return await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 async def run_generation(request: Request, start: Start, fmt: ResponseFormat, stream: bool,
                          include_usage: bool) -> Response:
-    """Await `start` (fetch media, open the Triton stream) and answer with what it generates.
+    """Await `start` (fetch media, open the Triton streams) and answer with what they generate.
 
-    Everything up to the first chunk runs here, so that what fails early (a bad image, a prompt too
-    long) is an HTTP error rather than an event in a 200 stream.
+    Everything up to the first chunk of every choice runs here, so that what fails early (a bad
+    image, a prompt too long) is an HTTP error rather than an event in a 200 stream.
     """
     lifetimes: RequestLifetimes = request.app.state.lifetimes
     metrics: ProxyMetrics = request.app.state.metrics
@@ -33,14 +47,17 @@ async def run_generation(request: Request, start: Start, fmt: ResponseFormat, st
     response = Response(status_code=CLIENT_CLOSED_REQUEST)  # stays if the client goes away; nobody reads it
     with lifetimes.bounded(deadline) as scope:
         async with cancel_on_disconnect(request):
-            chunks = await start()
-            first = await anext(chunks)
-            metrics.time_to_first_token.labels(request.url.path).observe(time.perf_counter() - started)
-            if stream:
-                response = sse_response(first, chunks, fmt, include_usage, lifetimes, deadline, metrics)
-            else:
-                async with aclosing(chunks):
-                    response = JSONResponse((await collect(first, chunks, fmt)).model_dump(mode="json"))
+            streams = await start()
+            async with AsyncExitStack() as closing:  # closed here unless the SSE response takes them over
+                for chunks in streams:
+                    await closing.enter_async_context(aclosing(chunks))
+                firsts = await _first_chunks(streams)
+                metrics.time_to_first_token.labels(request.url.path).observe(time.perf_counter() - started)
+                if stream:
+                    closing.pop_all()
+                    response = sse_response(firsts, streams, fmt, include_usage, lifetimes, deadline, metrics)
+                else:
+                    response = JSONResponse((await collect(firsts, streams, fmt)).model_dump(mode="json"))
     if scope.cancelled_caught:
         raise lifetimes.expired(deadline)
     return response

@@ -4,24 +4,59 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from openai_proxy.chat_schemas import ImageURLPart, Message, SystemMessage, TextPart, VideoURLPart
-from openai_proxy.schemas import GenerationRequest
+from openai_proxy.chat_schemas import (
+    AssistantMessage,
+    ImageURLPart,
+    Message,
+    SystemMessage,
+    TextPart,
+    Tool,
+    ToolMessage,
+    VideoURLPart,
+)
+from openai_proxy.schemas import GenerationRequest, StructuredOutputs
+from openai_proxy.tools import call_text, response_text, with_tools_prompt
 
 # Request fields passed to the model under the same name when the client sets them.
 _SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-                    "repetition_penalty", "seed")
+                    "repetition_penalty", "seed", "min_tokens", "ignore_eos")
 
 
-def to_hf_messages(messages: Sequence[Message], default_video_fps: float) -> tuple[list[dict], list[str]]:
+def _text(content: str | list[TextPart] | None) -> str:
+    return content if isinstance(content, str) else "".join(part.text for part in content or [])
+
+
+def _tool_turn(message: Message, previous: dict | None) -> dict | None:
+    """The HF form of an assistant turn with tool calls or of a tool result (None for other messages).
+    Consecutive tool results share one user turn, as Qwen's template puts them."""
+    if isinstance(message, ToolMessage):
+        text = response_text(_text(message.content))
+        if previous is not None and previous.get("tool_results"):
+            previous["content"] += "\n" + text
+            return previous
+        return {"role": "user", "content": text, "tool_results": True}
+    if isinstance(message, AssistantMessage) and message.tool_calls:
+        parts = [_text(message.content)] if message.content else []
+        return {"role": "assistant", "content": "\n".join([*parts, *map(call_text, message.tool_calls)])}
+    return None
+
+
+def to_hf_messages(messages: Sequence[Message], default_video_fps: float,
+                   tools: list[Tool] | None = None) -> tuple[list[dict], list[str]]:
     """HF-form messages and the URLs of their images/videos, in the order the parts appear.
 
     Images and videos are replaced by placeholders (`{"type": "image"}`, with the part's own
     resolution options, which the `vlm` model resolves); their bytes travel apart, in the MEDIA
-    input, in the same order.
+    input, in the same order. `tools`, if given, are described in the system message.
     """
     hf_messages, urls = [], []
     for message in messages:
         role = "system" if isinstance(message, SystemMessage) else message.role
+        turn = _tool_turn(message, hf_messages[-1] if hf_messages else None)
+        if turn is not None:
+            if turn is not (hf_messages[-1] if hf_messages else None):
+                hf_messages.append(turn)
+            continue
         if isinstance(message.content, str):
             hf_messages.append({"role": role, "content": message.content})
             continue
@@ -39,13 +74,28 @@ def to_hf_messages(messages: Sequence[Message], default_video_fps: float) -> tup
                 content.append(video)
                 urls.append(part.video_url.url)
         hf_messages.append({"role": role, "content": content})
-    return hf_messages, urls
+    for message in hf_messages:
+        message.pop("tool_results", None)
+    return (with_tools_prompt(hf_messages, tools) if tools else hf_messages), urls
 
 
-def sampling_params(request: GenerationRequest, max_tokens: int) -> dict:
-    """The `sampling` object of the Triton request; unset options are left to the model's defaults."""
+def sampling_params(request: GenerationRequest, max_tokens: int, logprobs: int | None = None,
+                    constraint: StructuredOutputs | None = None) -> dict:
+    """The `sampling` object of the Triton request; unset options are left to the model's defaults.
+    `logprobs`: how many top tokens to return the logprobs of (0: only the sampled ones')."""
     sampling = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
     sampling["max_tokens"] = max_tokens
     if request.stop is not None:
         sampling["stop"] = request.stop_list()
+    if logprobs is not None:
+        sampling["logprobs"] = logprobs
+    if constraint is not None:
+        sampling["structured_outputs"] = constraint.engine_form()
+    return sampling
+
+
+def choice_sampling(sampling: dict, index: int) -> dict:
+    """Choice `index` of n: with a seed, each choice draws from its own (else all n would be the same)."""
+    if index and sampling.get("seed") is not None:
+        return {**sampling, "seed": (sampling["seed"] + index) % 2**63}
     return sampling

@@ -11,10 +11,11 @@ from openai_proxy.completion_schemas import DEFAULT_MAX_TOKENS, CompletionReques
 from openai_proxy.errors import RETRY_AFTER_S, APIError
 from openai_proxy.generation import run_generation
 from openai_proxy.media_fetch import MediaFetcher
-from openai_proxy.messages import sampling_params, to_hf_messages
+from openai_proxy.messages import choice_sampling, sampling_params, to_hf_messages
 from openai_proxy.responses import ChatFormat, TextFormat
 from openai_proxy.schemas import ModelCard, ModelList
 from openai_proxy.settings import Settings
+from openai_proxy.tools import forced_call_constraint
 
 CHAT_PATH, COMPLETIONS_PATH = "/v1/chat/completions", "/v1/completions"
 GENERATION_PATHS = (CHAT_PATH, COMPLETIONS_PATH)
@@ -47,16 +48,22 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            media: MediaFetcher = Depends(media_fetcher),
                            settings: Settings = Depends(settings_of)) -> Response:
     _check_model(body.model, settings)
-    messages, urls = to_hf_messages(body.messages, settings.default_video_fps)
+    mode = body.tool_mode
+    messages, urls = to_hf_messages(body.messages, settings.default_video_fps,
+                                    body.tools if mode != "none" else None)
     if len(urls) > settings.max_media_per_request:
         raise APIError(400, f"at most {settings.max_media_per_request} images and videos per request, "
                             f"got {len(urls)}", param="messages")
     max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
-    sampling = sampling_params(body, max_tokens)
-    fmt = ChatFormat(settings.served_model_name)
+    constraint = forced_call_constraint(body) or body.output_constraint()
+    sampling = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, constraint)
+    tool_name = body.tool_choice.function.name if mode == "named" else None
+    fmt = ChatFormat(settings.served_model_name, mode, tool_name, bool(body.logprobs))
 
     async def start():
-        return triton.generate(messages, await media.fetch_all(urls), sampling, request_id=fmt.id)
+        fetched = await media.fetch_all(urls)
+        return [triton.generate(messages, fetched, choice_sampling(sampling, i), request_id=f"{fmt.id}-{i}")
+                for i in range(body.num_choices)]
 
     return await run_generation(request, start, fmt, bool(body.stream), body.include_usage)
 
@@ -66,11 +73,13 @@ async def completions(body: CompletionRequest, request: Request,
                       triton: TritonVLMClient = Depends(triton_client),
                       settings: Settings = Depends(settings_of)) -> Response:
     _check_model(body.model, settings)
-    sampling = sampling_params(body, body.max_tokens or DEFAULT_MAX_TOKENS)
-    fmt = TextFormat(settings.served_model_name)
+    sampling = sampling_params(body, body.max_tokens or DEFAULT_MAX_TOKENS, body.logprobs,
+                               body.structured_outputs)
+    fmt = TextFormat(settings.served_model_name, body.logprobs, body.prompt if body.echo else None)
 
     async def start():
-        return triton.generate_text(body.prompt, sampling, request_id=fmt.id)
+        return [triton.generate_text(body.prompt, choice_sampling(sampling, i), request_id=f"{fmt.id}-{i}")
+                for i in range(body.num_choices)]
 
     return await run_generation(request, start, fmt, bool(body.stream), body.include_usage)
 

@@ -1,8 +1,8 @@
 """What chat and text completion requests share, as pydantic models, plus usage and the model list.
 
 Like OpenAI, requests with unknown fields are rejected. Fields of OpenAI's API that this server
-cannot honour (tools, logprobs, n > 1, ...) are accepted only with a value that asks for nothing,
-so that a client relying on them gets a clear 400 instead of a silently different answer.
+cannot honour (logit_bias, audio, ...) are accepted only with a value that asks for nothing, so that
+a client relying on them gets a clear 400 instead of a silently different answer.
 """
 
 from __future__ import annotations
@@ -19,6 +19,29 @@ class StrictModel(BaseModel):
 class StreamOptions(StrictModel):
     include_usage: bool | None = None
     include_obfuscation: bool | None = None  # accepted; chunks carry no obfuscation padding
+
+
+MAX_LOGPROBS = 20  # top logprobs per token, as OpenAI and vLLM's default max_logprobs allow
+MAX_CHOICES = 16  # n: each choice is one generation in the engine
+
+
+class StructuredOutputs(StrictModel):
+    """vLLM's structured-output extension (`extra_body={"structured_outputs": {...}}`): one constraint."""
+
+    json_: dict | str | None = Field(None, alias="json")  # a JSON schema
+    regex: str | None = Field(None, min_length=1)
+    choice: list[str] | None = Field(None, min_length=1)
+    grammar: str | None = Field(None, min_length=1)
+    json_object: bool | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> StructuredOutputs:
+        if len(self.engine_form()) != 1:
+            raise ValueError("structured_outputs takes exactly one of json, regex, choice, grammar, json_object")
+        return self
+
+    def engine_form(self) -> dict:
+        return self.model_dump(exclude_none=True, by_alias=True)
 
 
 class GenerationRequest(StrictModel):
@@ -38,12 +61,15 @@ class GenerationRequest(StrictModel):
     seed: int | None = Field(None, ge=0, lt=2**63)
     stop: str | list[str] | None = None
     user: str | None = None  # accepted and ignored
-    n: Any = None
+    n: int | None = Field(None, ge=1, le=MAX_CHOICES)
+    # vLLM's extensions: no end of sequence before min_tokens; never stop at it; a constrained output.
+    min_tokens: int | None = Field(None, ge=0)
+    ignore_eos: bool | None = None
+    structured_outputs: StructuredOutputs | None = None
     logit_bias: Any = None
 
     # Field -> (values that ask for nothing, why other values are refused). Subclasses extend it.
     NEUTRAL: ClassVar[dict[str, tuple[tuple, str]]] = {
-        "n": ((None, 1), "only n=1 is supported"),
         "logit_bias": ((None, {}), "logit_bias is not supported by this server"),
     }
 
@@ -76,6 +102,10 @@ class GenerationRequest(StrictModel):
         return self
 
     @property
+    def num_choices(self) -> int:
+        return self.n or 1
+
+    @property
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
@@ -83,10 +113,15 @@ class GenerationRequest(StrictModel):
         return [self.stop] if isinstance(self.stop, str) else self.stop
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int  # prompt tokens whose KV came from the prefix cache
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails | None = None
 
 
 class ModelCard(BaseModel):

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import AsyncIterator
-from contextlib import aclosing
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, aclosing
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -25,16 +25,20 @@ from openai_proxy.responses import ResponseFormat, stream_payloads
 SHUTDOWN_MARGIN_S = 5.0
 
 
-def sse_response(first: GenerationChunk, rest: AsyncIterator[GenerationChunk], fmt: ResponseFormat,
-                 include_usage: bool, lifetimes: RequestLifetimes, deadline: float,
+def sse_response(firsts: Sequence[GenerationChunk], rests: Sequence[AsyncIterator[GenerationChunk]],
+                 fmt: ResponseFormat, include_usage: bool, lifetimes: RequestLifetimes, deadline: float,
                  metrics: ProxyMetrics) -> EventSourceResponse:
-    """Stream `first` and then `rest`. A failure after the stream has started cannot change the HTTP
-    status any more: it goes out as a last event holding an OpenAI error object, and the stream ends."""
+    """Stream each choice's first chunk and then the rest. A failure after the stream has started cannot
+    change the HTTP status any more: it goes out as a last event holding an OpenAI error object, and the
+    stream ends."""
     sender, receiver = anyio.create_memory_object_stream[str](math.inf)
 
     async def produce() -> None:
         error: APIError | None = None
-        async with sender, aclosing(rest), aclosing(stream_payloads(first, rest, fmt, include_usage)) as payloads:
+        async with sender, AsyncExitStack() as closing:
+            for rest in rests:
+                await closing.enter_async_context(aclosing(rest))
+            payloads = await closing.enter_async_context(aclosing(stream_payloads(firsts, rests, fmt, include_usage)))
             with lifetimes.bounded(deadline) as scope:
                 try:
                     async for payload in payloads:

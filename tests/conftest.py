@@ -9,7 +9,6 @@ import pytest
 
 from export.tiny_model import build_tiny_checkpoint
 from perf.media_server import MediaServer
-from vlmserve.processes import free_port
 
 
 @pytest.fixture(scope="session")
@@ -24,9 +23,12 @@ def media_server(tmp_path_factory):
         yield server
 
 
-# What each engine runs with in tests: vLLM without torch.compile (starts in seconds) and a small KV
-# cache; the native engine on one torch thread (OpenMP overhead dominates a model this small on 2 cores).
-ENGINE_OPTIONS = {"vllm": {"llm_engine": "vllm", "enforce_eager": True, "kv_cache_bytes": 256 * 2**20},
+# What each engine runs with in tests: vLLM without torch.compile (starts in seconds), a small KV cache,
+# and JSON without free whitespace (random weights love it: constrained answers would be all indentation);
+# the native engine on one torch thread (OpenMP overhead dominates a model this small on 2 cores).
+ENGINE_OPTIONS = {"vllm": {"llm_engine": "vllm", "enforce_eager": True, "kv_cache_bytes": 256 * 2**20,
+                           "llm_engine_args": {"structured_outputs_config": {"backend": "xgrammar",
+                                                                    "disable_any_whitespace": True}}},
                   "native": {"llm_engine": "native", "llm_threads": 1}}
 
 
@@ -38,7 +40,7 @@ def running_stack(checkpoint: Path, workdir: Path, engine: str, proxy_args: tupl
 
     repository = prepare_cpu_repository(checkpoint, workdir, **{**ENGINE_OPTIONS[engine], **options})
     # The media server is on loopback, which the proxy refuses to fetch from unless told otherwise.
-    running = Stack.create(repository, workdir, "tiny-qwen2-vl", TritonPorts.free(), free_port(),
+    running = Stack.create(repository, workdir, "tiny-qwen2-vl", TritonPorts.free(), 0,
                            proxy_args=["--allow-media-network", "127.0.0.0/8", *proxy_args])
     running.start()
     try:

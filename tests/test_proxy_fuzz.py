@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 import httpx
 import pytest
 
-from vlmserve.processes import free_port
 from tests.proxy_helpers import TrickyMediaServer
 from tests.test_end_to_end import mp4_bytes, png_bytes
 from tests.test_proxy_resilience import wait_until_idle
@@ -113,9 +112,24 @@ def bad_cases(server: TrickyMediaServer) -> list[tuple[Case, int]]:
         (Case("audio part", 400, body=chat({"type": "input_audio", "input_audio": {"data": "", "format": "wav"}})), 4),
         (Case("image from the assistant", 400, body={"model": MODEL, "messages": [
             {"role": "assistant", "content": [image(tiny)]}]}), 4),
-        (Case("n=3", 400, body={**chat(text("hi")), "n": 3}), 4),
-        (Case("logprobs", 400, body={**chat(text("hi")), "logprobs": True, "top_logprobs": 2}), 5),
-        (Case("tools", 400, body={**chat(text("hi")), "tools": [{"type": "function", "function": {"name": "f"}}]}), 4),
+        (Case("n=17", 400, body={**chat(text("hi")), "n": 17}), 4),
+        (Case("top_logprobs over the limit", 400, body={**chat(text("hi")), "logprobs": True, "top_logprobs": 21}), 4),
+        (Case("top_logprobs without logprobs", 400, body={**chat(text("hi")), "top_logprobs": 2}), 3),
+        (Case("unknown tool name", 400, body={**chat(text("hi")), "tools": [TOOL],
+                                              "tool_choice": {"type": "function", "function": {"name": "nope"}}}), 4),
+        (Case("tool without a function", 400, body={**chat(text("hi")), "tools": [{"type": "function"}]}), 3),
+        (Case("tool call arguments not JSON", 400, body={"model": MODEL, "max_tokens": 4, "messages": [
+            {"role": "assistant", "tool_calls": [{"id": "c", "type": "function",
+                                                  "function": {"name": "f", "arguments": "{oops"}}]}]}), 3),
+        (Case("schema that does not compile", 400, body={**chat(text("hi")), "response_format": {
+            "type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "frob"}}}}), 4),
+        (Case("schema with a dangling $ref", 400, body={**chat(text("hi")), "response_format": {
+            "type": "json_schema", "json_schema": {"name": "s", "schema": {"$ref": "#/nowhere"}}}}), 3),
+        (Case("regex that does not compile", 400, body={**chat(text("hi")),
+                                                         "structured_outputs": {"regex": "(unclosed"}}), 3),
+        (Case("two output constraints", 400, body={**chat(text("hi")), "response_format": {"type": "json_object"},
+                                                    "structured_outputs": {"choice": ["a"]}}), 3),
+        (Case("min_tokens over max_tokens", 400, body={**chat(text("hi")), "max_tokens": 4, "min_tokens": 9}), 3),
         (Case("temperature 7", 400, body={**chat(text("hi")), "temperature": 7}), 4),
         (Case("max_tokens 0", 400, body={**chat(text("hi")), "max_tokens": 0}), 4),
         (Case("negative seed", 400, body={**chat(text("hi")), "seed": -5}), 4),
@@ -132,7 +146,10 @@ def bad_cases(server: TrickyMediaServer) -> list[tuple[Case, int]]:
         # Text completions.
         (Case("two prompts", 400, "/v1/completions", {"model": MODEL, "prompt": ["a", "b"]}), 4),
         (Case("token id prompt", 400, "/v1/completions", {"model": MODEL, "prompt": [1, 2, 3]}), 4),
-        (Case("echo", 400, "/v1/completions", {"model": MODEL, "prompt": "a", "echo": True}), 4),
+        (Case("echo with logprobs", 400, "/v1/completions", {"model": MODEL, "prompt": "a", "echo": True,
+                                                              "logprobs": 1}), 4),
+        (Case("completion logprobs over the limit", 400, "/v1/completions",
+              {"model": MODEL, "prompt": "a", "logprobs": 21}), 3),
         (Case("empty prompt", 400, "/v1/completions", {"model": MODEL, "prompt": "", "max_tokens": 4}), 4),
         (Case("prompt longer than the context", 400, "/v1/completions",
               {"model": MODEL, "prompt": "word " * 5000, "max_tokens": 4}), 4),
@@ -167,6 +184,10 @@ def bad_cases(server: TrickyMediaServer) -> list[tuple[Case, int]]:
     ]
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {"x": {"enum": [1, 2]}}, "required": ["x"], "additionalProperties": False}}}
+
+
 def good_cases(server: TrickyMediaServer) -> list[Case]:
     picture = server.add("good.png", png_bytes(56, 84, seed=23))
     clip = server.add("good.mp4", mp4_bytes())
@@ -183,6 +204,8 @@ def good_cases(server: TrickyMediaServer) -> list[Case]:
         Case("text completion", 200, "/v1/completions", {"model": MODEL, "prompt": "Once upon", "max_tokens": 4}),
         Case("text completion stream", 200, "/v1/completions", {"model": MODEL, "prompt": ["Hello"], "max_tokens": 3,
                                                                 "stream": True, "presence_penalty": 0.5}),
+        Case("chat with the extras", 200, body=chat(text("Weather?"), n=2, logprobs=True, top_logprobs=2, tools=[TOOL],
+                                                    tool_choice="required", parallel_tool_calls=False, stream=True)),
     ]
 
 
@@ -216,7 +239,7 @@ def media():
 @pytest.fixture(scope="module")
 def strict_proxy(stack, tmp_path_factory):
     """A proxy with tight limits and an API key, in front of the stack's Triton."""
-    proxy = ProxyProcess(stack.triton.grpc_url, free_port(), MODEL,
+    proxy = ProxyProcess(stack.triton.grpc_url, 0, MODEL,
                          log_path=tmp_path_factory.mktemp("fuzz") / "proxy.log", extra_args=[
                              "--api-key", KEY, "--allow-media-network", "127.0.0.1/32",
                              "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-media-bytes", str(MAX_MEDIA_BYTES),

@@ -129,7 +129,7 @@ def test_metrics_count_requests_by_status_and_time_them():
     with client_with(FakeTriton(ANSWER)) as http:
         for _ in range(2):
             http.post("/v1/chat/completions", json=CHAT)
-        http.post("/v1/chat/completions", json={**CHAT, "n": 3})
+        http.post("/v1/chat/completions", json={**CHAT, "n": 30})
         http.post("/v1/completions", json={"model": MODEL, "prompt": "x", "stream": True})
         http.get("/no/such/route")
         text = http.get("/metrics").text

@@ -124,10 +124,10 @@ def test_vllm_sampling_extensions_reach_the_engine(client):
 
 
 def test_the_client_raises_openai_errors(client):
-    with pytest.raises(openai.BadRequestError, match="logprobs are not supported"):
-        client.chat.completions.create(model=MODEL, logprobs=True, messages=[{"role": "user", "content": "hi"}])
-    with pytest.raises(openai.BadRequestError, match="only n=1"):
-        client.chat.completions.create(model=MODEL, n=2, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="top_logprobs needs logprobs"):
+        client.chat.completions.create(model=MODEL, top_logprobs=2, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.BadRequestError, match="less than or equal to 16"):
+        client.chat.completions.create(model=MODEL, n=17, messages=[{"role": "user", "content": "hi"}])
     with pytest.raises(openai.NotFoundError, match="does not exist"):
         client.completions.create(model="gpt-4", prompt="hi")
     with pytest.raises(openai.BadRequestError, match="context length"):

@@ -57,12 +57,22 @@ def test_unknown_fields_are_rejected_as_openai_does():
         chat_request(messages=[{"role": "user", "content": "hi", "cache_control": {}}])
 
 
+TOOL = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+
+
 @pytest.mark.parametrize("fields, reason", [
-    ({"n": 2}, "only n=1"),
-    ({"logprobs": True}, "logprobs are not supported"),
-    ({"top_logprobs": 2}, "top_logprobs"),
-    ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-    ({"response_format": {"type": "json_object"}}, "response_format"),
+    ({"n": 17}, "less than or equal to 16"),
+    ({"n": 0}, "greater than or equal to 1"),
+    ({"logprobs": True, "top_logprobs": 21}, "less than or equal to 20"),
+    ({"top_logprobs": 2}, "top_logprobs needs logprobs"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "function": {"name": "g"}}}, "not among the tools"),
+    ({"tool_choice": "required"}, "needs tools"),
+    ({"tools": [TOOL, TOOL]}, "same name"),
+    ({"tools": [{"type": "function", "function": {"name": "a b"}}]}, "pattern"),
+    ({"response_format": {"type": "json_object"}, "structured_outputs": {"regex": "a+"}}, "only one of"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "exactly one"),
+    ({"functions": [{"name": "f"}]}, "deprecated"),
     ({"logit_bias": {"50256": -100}}, "logit_bias"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "up to 4"),
     ({"stop": ""}, "non-empty"),
@@ -79,9 +89,11 @@ def test_text_completion_prompt_is_one_string():
     for prompt in (["a", "b"], [1, 2, 3], [[1, 2]], []):
         with pytest.raises(ValidationError, match="prompt must be a string"):
             CompletionRequest.model_validate({"model": MODEL, "prompt": prompt})
-    for field, value in (("echo", True), ("logprobs", 1), ("best_of", 2), ("suffix", "end")):
+    for field, value in (("logprobs", 21), ("best_of", 2), ("suffix", "end")):
         with pytest.raises(ValidationError, match=field):
             CompletionRequest.model_validate({"model": MODEL, "prompt": "x", field: value})
+    with pytest.raises(ValidationError, match="echo with logprobs"):
+        CompletionRequest.model_validate({"model": MODEL, "prompt": "x", "echo": True, "logprobs": 1})
 
 
 # --- messages ------------------------------------------------------------------------------------
@@ -161,9 +173,9 @@ def test_malformed_json_is_a_400(http):
     assert_openai_error(response, 400, "not valid JSON")
 
 
-def test_n_above_one_is_a_400(http):
-    response = http.post("/v1/chat/completions", json={"model": MODEL, "n": 2, "messages": [user("hi")]})
-    assert_openai_error(response, 400, "only n=1", param="n")
+def test_n_over_the_limit_is_a_400(http):
+    response = http.post("/v1/chat/completions", json={"model": MODEL, "n": 17, "messages": [user("hi")]})
+    assert_openai_error(response, 400, "less than or equal to 16", param="n")
 
 
 def test_validation_errors_are_400_not_422(http):
@@ -213,10 +225,10 @@ def test_stream_sends_role_deltas_finish_usage_and_done():
     assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert [c["choices"][0]["delta"].get("content") for c in chunks[1:3]] == ["Hel", "lo"]
     assert chunks[3]["choices"][0] == {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}
-    assert chunks[4]["choices"] == [] and chunks[4]["usage"] == {"prompt_tokens": 5, "completion_tokens": 3,
-                                                                 "total_tokens": 8}
+    assert chunks[4]["choices"] == [] and chunks[4]["usage"] == {
+        "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8, "prompt_tokens_details": {"cached_tokens": 0}}
     messages, media, sampling, request_id = fake.calls[0]
-    assert media == [b"hi"] and sampling == {"max_tokens": 99} and request_id == chunks[0]["id"]
+    assert media == [b"hi"] and sampling == {"max_tokens": 99} and request_id == chunks[0]["id"] + "-0"
 
 
 def test_stream_without_include_usage_has_no_usage():
@@ -232,7 +244,8 @@ def test_non_streamed_completion_has_text_and_usage():
     assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
     assert body["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "Hello"},
                                 "finish_reason": "stop", "logprobs": None}]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -261,7 +274,8 @@ def test_text_completion_whole_and_streamed():
             "model": MODEL, "prompt": "Once upon", "stream": True, "stream_options": {"include_usage": True}}))
     assert body["object"] == "text_completion" and body["id"].startswith("cmpl-")
     assert body["choices"] == [{"index": 0, "text": "Hello", "finish_reason": "stop", "logprobs": None}]
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     assert fake.calls[0][:2] == ("Once upon", {"max_tokens": 7, "stop": ["END"]})
     assert fake.calls[1][1] == {"max_tokens": 16}, "OpenAI's default max_tokens for text completions"
     assert payloads[-1] == "[DONE]"

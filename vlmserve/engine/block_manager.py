@@ -71,6 +71,8 @@ class BlockManager:
         seq.block_table = list(cached_blocks)
         seq.num_published_blocks = len(cached_blocks)
         seq.num_cached_tokens = len(cached_blocks) * self.block_size
+        if not seq.num_output_tokens:  # a preempted sequence admitted again reports its first admission
+            seq.num_prefix_hit_tokens = seq.num_cached_tokens
         if self.enable_prefix_caching:
             self.query_tokens += seq.num_tokens
             self.hit_tokens += seq.num_cached_tokens

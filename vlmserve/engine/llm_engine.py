@@ -29,6 +29,7 @@ class StepOutput:
     finish_reason: str | None  # 'stop' | 'length' | None while running
     num_prompt_tokens: int
     num_output_tokens: int  # including token_id
+    num_cached_tokens: int  # prompt tokens whose KV the prefix cache served at admission
 
 
 # One str per run of image/video pad tokens, or (str, number of pad tokens) pairs; in prompt order.
@@ -145,7 +146,8 @@ class LLMEngine:
         self._record_state()
         return [
             StepOutput(
-                seq.request_id, token, seq.is_finished, seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens
+                seq.request_id, token, seq.is_finished, seq.finish_reason, seq.num_prompt_tokens, seq.num_output_tokens,
+                seq.num_prefix_hit_tokens,
             )
             for seq, token in zip(sampled, tokens)
         ]

@@ -70,6 +70,7 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.finish_reason: str | None = None
         self.num_cached_tokens = 0
+        self.num_prefix_hit_tokens = 0  # prompt tokens the prefix cache served when first admitted
         self.block_table: list[int] = []
         # Prefix-cache hashes of full blocks 0..len-1 (content-defined, so they survive preemption)
         # and how many of the blocks in block_table are already published to the prefix cache.

@@ -12,14 +12,22 @@ from transformers import GenerationConfig
 from vlmserve.engine import LLMEngine, SamplingParams
 from vlmserve.errors import InvalidRequest
 from vlmserve.llm_serving.engine import OutputCallback
-from vlmserve.llm_serving.request import GenerationRequest, TokenChunk, check_media
+from vlmserve.llm_serving.request import VLLM_ONLY_SAMPLING, GenerationRequest, TokenChunk, check_media
 
 IDLE_WAIT_S = 0.05
+# What a client set to ask for a sampling field, as it knows the option.
+_OPTION_NAMES = {"structured_outputs": "structured output (response_format json_object or json_schema, "
+                                       "a forced tool_choice, or structured_outputs)"}
 
 
 def native_sampling(fields: dict, eos_ids: tuple[int, ...]) -> SamplingParams:
     fields = dict(fields)
-    stop_ids = tuple(fields.pop("stop_token_ids", ())) + eos_ids
+    for name in VLLM_ONLY_SAMPLING:
+        if fields.get(name) is not None:
+            raise InvalidRequest(f"{_OPTION_NAMES.get(name, name)} needs the vllm engine; this server runs the "
+                                 "native reference engine (generate the repository with --llm-engine vllm)")
+        fields.pop(name, None)
+    stop_ids = tuple(fields.pop("stop_token_ids", ())) + (() if fields.pop("ignore_eos", False) else eos_ids)
     try:
         return SamplingParams(**fields, stop_token_ids=stop_ids)
     except (ValueError, TypeError) as exc:
@@ -87,7 +95,8 @@ class NativeEngine:
                     self.on_output(TokenChunk(request_id, [], error=exc))
                 continue
             for out in outputs:
-                self.on_output(TokenChunk(out.request_id, [out.token_id], out.finish_reason if out.finished else None))
+                self.on_output(TokenChunk(out.request_id, [out.token_id], out.finish_reason if out.finished else None,
+                                          cached_tokens=out.num_cached_tokens if out.num_output_tokens == 1 else None))
 
     def shutdown(self) -> None:
         self.running = False

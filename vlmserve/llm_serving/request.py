@@ -9,6 +9,14 @@ import numpy as np
 from vlmserve.errors import InvalidRequest
 
 
+# Sampling fields beyond vlmserve.engine.SamplingParams, as vLLM names them: the vLLM engine takes them,
+# the native one refuses them by name.
+VLLM_ONLY_SAMPLING = ("logprobs", "min_tokens", "structured_outputs")
+# Every sampling field the `llm` model takes (the `vlm` model forwards these and handles `stop` itself).
+SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty",
+                   "presence_penalty", "repetition_penalty", "ignore_eos", *VLLM_ONLY_SAMPLING)
+
+
 @dataclass(frozen=True)
 class MediaInput:
     """One image or video of a prompt, already through the ViT."""
@@ -30,6 +38,20 @@ class GenerationRequest:
 
 
 @dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probabilities of n sampled tokens, and of the k most likely tokens at each of those steps."""
+
+    logprobs: np.ndarray  # float32 [n]
+    top_ids: np.ndarray  # int64 [n, k]
+    top_logprobs: np.ndarray  # float32 [n, k]
+
+    @staticmethod
+    def concat(parts: list[TokenLogprobs]) -> TokenLogprobs:
+        return TokenLogprobs(*(np.concatenate([getattr(p, name) for p in parts])
+                               for name in ("logprobs", "top_ids", "top_logprobs")))
+
+
+@dataclass(frozen=True)
 class TokenChunk:
     """New tokens of one request; several tokens when they were ready together."""
 
@@ -37,10 +59,19 @@ class TokenChunk:
     token_ids: list[int]
     finish_reason: str | None = None  # "stop" | "length" once finished
     error: Exception | None = None  # the request failed; nothing follows
+    logprobs: TokenLogprobs | None = None  # of token_ids, when the request asked for them
+    cached_tokens: int | None = None  # on a request's first chunk: prompt tokens the prefix cache served
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None or self.error is not None
+
+    def then(self, later: TokenChunk) -> TokenChunk:
+        """This chunk followed by a later one of the same request, as one."""
+        logprobs = [lp for lp in (self.logprobs, later.logprobs) if lp is not None]
+        return TokenChunk(self.request_id, self.token_ids + later.token_ids, later.finish_reason, later.error,
+                          TokenLogprobs.concat(logprobs) if logprobs else None,
+                          self.cached_tokens if self.cached_tokens is not None else later.cached_tokens)
 
 
 def media_runs(input_ids: np.ndarray, media_token_ids: tuple[int, int]) -> list[tuple[int, int]]:

@@ -41,8 +41,7 @@ def merge_chunks(chunks: list[TokenChunk]) -> list[TokenChunk]:
             merged.append(chunk)
             index = len(merged) - 1
         else:
-            merged[index] = TokenChunk(chunk.request_id, merged[index].token_ids + chunk.token_ids,
-                                       chunk.finish_reason, chunk.error)
+            merged[index] = merged[index].then(chunk)
         if merged[index].finished:
             open_at.pop(chunk.request_id, None)
         else:

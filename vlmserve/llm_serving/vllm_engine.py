@@ -10,6 +10,7 @@ matches media by key and hashes no tensors.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 
 import numpy as np
@@ -19,7 +20,7 @@ from vlmserve.engine.sampling import SamplingParams as CheckedSampling
 from vlmserve.engine.stats import EngineStats
 from vlmserve.errors import InvalidRequest
 from vlmserve.llm_serving.engine import OutputCallback
-from vlmserve.llm_serving.request import GenerationRequest, TokenChunk, check_media
+from vlmserve.llm_serving.request import VLLM_ONLY_SAMPLING, GenerationRequest, TokenChunk, TokenLogprobs, check_media
 
 # Always on: embeddings instead of pixels as input, and the per-step stats our metrics are made of.
 _ENGINE_DEFAULTS = {"enable_mm_embeds": True, "disable_log_stats": False}
@@ -45,17 +46,49 @@ def vllm_prompt(request: GenerationRequest, media_token_ids: tuple[int, int]) ->
 
 
 def vllm_sampling(fields: dict):
-    """vLLM SamplingParams for our sampling fields, checked by the same rules as the native engine's."""
+    """vLLM SamplingParams for our sampling fields, the common ones checked by the native engine's rules."""
     from vllm import SamplingParams
-    from vllm.sampling_params import RequestOutputKind
+    from vllm.exceptions import VLLMClientError
+    from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
+    fields = dict(fields)
+    extensions = {name: fields.pop(name) for name in (*VLLM_ONLY_SAMPLING, "ignore_eos") if name in fields}
     try:
         CheckedSampling(**fields)
-    except (ValueError, TypeError) as exc:
+        if extensions.get("structured_outputs") is not None:
+            extensions["structured_outputs"] = StructuredOutputsParams(**extensions["structured_outputs"])
+        # Text is made (and stop strings are matched) in the vlm model; deltas let vLLM merge tokens that
+        # are ready together into one output.
+        return SamplingParams(**fields, **extensions, detokenize=False, output_kind=RequestOutputKind.DELTA)
+    except (ValueError, TypeError, VLLMClientError) as exc:
         raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
-    # Text is made (and stop strings are matched) in the vlm model; deltas let vLLM merge tokens that
-    # are ready together into one output.
-    return SamplingParams(**fields, detokenize=False, output_kind=RequestOutputKind.DELTA)
+
+
+def token_logprobs(token_ids: list[int], positions, k: int) -> TokenLogprobs:
+    """Our form of vLLM's per-position {token id: Logprob} (the sampled token plus the top k)."""
+    n = len(token_ids)
+    logprobs = np.zeros(n, np.float32)
+    top_ids, top_logprobs = np.zeros((n, k), np.int64), np.full((n, k), -np.inf, np.float32)
+    for i, (token, position) in enumerate(zip(token_ids, positions)):
+        logprobs[i] = position[token].logprob
+        ranked = sorted((lp.rank, tid, lp.logprob) for tid, lp in position.items() if lp.rank is not None and lp.rank <= k)
+        for j, (_, tid, value) in enumerate(ranked[:k]):
+            top_ids[i, j], top_logprobs[i, j] = tid, value
+    return TokenLogprobs(logprobs, top_ids, top_logprobs)
+
+
+def engine_args(args: dict):
+    """AsyncEngineArgs from JSON-able values: a dict for a config object (e.g. structured_outputs_config)
+    becomes that object, as vLLM's command line makes it from JSON."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = dict(args)
+    for arg in dataclasses.fields(AsyncEngineArgs):
+        if isinstance(args.get(arg.name), dict) and arg.default_factory is not dataclasses.MISSING:
+            default = arg.default_factory()
+            if dataclasses.is_dataclass(default):
+                args[arg.name] = type(default)(**args[arg.name])
+    return AsyncEngineArgs(**args)
 
 
 class VllmEngine:
@@ -75,10 +108,9 @@ class VllmEngine:
         self.num_blocks = int(self.engine.vllm_config.cache_config.num_gpu_blocks or 0)
 
     async def _create(self, args: dict):
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=[self._stat_logger_factory()])
+        return AsyncLLM.from_engine_args(engine_args(args), stat_loggers=[self._stat_logger_factory()])
 
     def _stat_logger_factory(self):
         from vllm.v1.metrics.loggers import StatLoggerBase
@@ -127,15 +159,24 @@ class VllmEngine:
             self._requests[request_id] = self.loop.create_task(self._generate(request_id, prompt, params))
 
     async def _generate(self, request_id: str, prompt: dict, params) -> None:
+        from vllm.exceptions import VLLMClientError
+
+        cached_tokens = None  # sent once, with the first output
         try:
             async for out in self.engine.generate(prompt, params, request_id):
                 completion = out.outputs[0]
                 finish = (completion.finish_reason or "stop") if out.finished else None
                 if completion.token_ids or finish:
-                    self.on_output(TokenChunk(request_id, list(completion.token_ids), finish))
+                    token_ids = list(completion.token_ids)
+                    logprobs = None if params.logprobs is None else token_logprobs(
+                        token_ids, completion.logprobs or [], params.logprobs)
+                    first = cached_tokens is None
+                    cached_tokens = out.num_cached_tokens or 0
+                    self.on_output(TokenChunk(request_id, token_ids, finish, logprobs=logprobs,
+                                              cached_tokens=cached_tokens if first else None))
         except asyncio.CancelledError:  # aborted: generate() has aborted it in the engine too
             raise
-        except ValueError as exc:  # vLLM's input validation (e.g. a prompt over max_model_len)
+        except (ValueError, VLLMClientError) as exc:  # vLLM's input validation (e.g. a prompt over max_model_len)
             self.on_output(TokenChunk(request_id, [], error=InvalidRequest(str(exc))))
         except Exception as exc:
             self.on_output(TokenChunk(request_id, [], error=exc))
@@ -144,12 +185,17 @@ class VllmEngine:
 
     def abort(self, request_id: str) -> None:
         # On the loop, after the call that starts it: a task is cancelled where it runs.
-        self.loop.call_soon_threadsafe(self._cancel, request_id)
+        asyncio.run_coroutine_threadsafe(self._abort(request_id), self.loop)
 
-    def _cancel(self, request_id: str) -> None:
+    async def _abort(self, request_id: str) -> None:
         task = self._requests.pop(request_id, None)
-        if task is not None:
-            task.cancel()
+        if task is None:
+            return
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        # generate() aborts a cancelled request only once it has finished adding it; one cancelled while
+        # still being added (a client gone right after the first chunk of a cold start) would run to its end.
+        await self.engine.abort(request_id)
 
     def kv_blocks_total(self) -> int:
         return self.num_blocks

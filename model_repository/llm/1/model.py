@@ -98,10 +98,17 @@ class TritonStream:
         if chunk.error is not None:
             self.sender.send(pb_utils.InferenceResponse(error=triton_error(chunk.error)), flags=FINAL)
             return
-        self.sender.send(pb_utils.InferenceResponse([
+        tensors = [
             pb_utils.Tensor("TOKEN_IDS", np.asarray(chunk.token_ids, dtype=np.int64)),
             pb_utils.Tensor("FINISH_REASON", np.asarray([chunk.finish_reason or ""], dtype=np.object_)),
-        ]), flags=FINAL if chunk.finished else 0)
+        ]
+        if chunk.logprobs is not None:
+            tensors += [pb_utils.Tensor("LOGPROBS", chunk.logprobs.logprobs.astype(np.float32)),
+                        pb_utils.Tensor("TOP_LOGPROB_IDS", chunk.logprobs.top_ids.astype(np.int64)),
+                        pb_utils.Tensor("TOP_LOGPROBS", chunk.logprobs.top_logprobs.astype(np.float32))]
+        if chunk.cached_tokens is not None:
+            tensors.append(pb_utils.Tensor("CACHED_TOKENS", np.asarray([chunk.cached_tokens], dtype=np.int32)))
+        self.sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if chunk.finished else 0)
 
     def close(self) -> None:
         self.sender.send(flags=FINAL)  # also when cancelled: without it Triton counts the request in flight

@@ -14,17 +14,19 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoConfig, AutoTokenizer
 
-from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
+from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenBytes
 from vlmserve.errors import INVALID_REQUEST_PREFIX, InvalidRequest
+from vlmserve.llm_serving.request import SAMPLING_FIELDS
 from vlmserve.media_encoder import Encoded, MediaEncoder
 from vlmserve.mrope import mrope_positions
 from vlmserve.prompt import PromptBuilder, check_context, media_parts, validate_messages
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-SAMPLING_KEYS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty",
-                 "presence_penalty", "repetition_penalty")
 DEFAULT_MAX_TOKENS = 256
+LLM_OUTPUTS = ["TOKEN_IDS", "FINISH_REASON", "LOGPROBS", "TOP_LOGPROB_IDS", "TOP_LOGPROBS", "CACHED_TOKENS"]
+# JSON has no -inf; OpenAI-compatible servers (vLLM) send this instead.
+MIN_LOGPROB = -9999.0
 
 
 def _tensor(name: str, value, dtype):
@@ -54,6 +56,7 @@ class TritonPythonModel:
         self.config = AutoConfig.from_pretrained(checkpoint)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.tokenizer = tokenizer
+        self.token_bytes = TokenBytes(tokenizer)
         self.prompts = PromptBuilder(tokenizer, self.config.image_token_id, self.config.video_token_id,
                                      self.config.vision_config.spatial_merge_size)
         text_config = getattr(self.config, "text_config", self.config)
@@ -100,7 +103,7 @@ class TritonPythonModel:
         position_ids, rope_delta = mrope_positions(
             input_ids, np.stack(image_grids) if image_grids else None, np.stack(video_grids) if video_grids else None,
             self.config)
-        llm_sampling = {k: sampling[k] for k in SAMPLING_KEYS if sampling.get(k) is not None}
+        llm_sampling = {k: sampling[k] for k in SAMPLING_FIELDS if sampling.get(k) is not None}
         llm_sampling["max_tokens"] = max_tokens
         await self._stream(sender, input_ids, position_ids, rope_delta, encoded, llm_sampling,
                            stop=sampling.get("stop") or [])
@@ -141,12 +144,14 @@ class TritonPythonModel:
                                                                    dtype=np.object_)))
             inputs.append(pb_utils.Tensor("MEDIA_GRID_THW", np.stack([e.grid_thw for e in encoded]).astype(np.int64)))
         responses = await pb_utils.InferenceRequest(
-            model_name="llm", inputs=inputs, requested_output_names=["TOKEN_IDS", "FINISH_REASON"]
+            model_name="llm", inputs=inputs, requested_output_names=LLM_OUTPUTS
         ).async_exec(decoupled=True)
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringMatcher(stop if isinstance(stop, list) else [stop])
         loop = asyncio.get_running_loop()
-        completion_tokens, llm_finish, text = 0, "", ""
+        usage = {"prompt_tokens": len(input_ids), "completion_tokens": 0, "cached_tokens": 0}
+        logprobs = [] if sampling.get("logprobs") is not None else None  # OpenAI entries not sent yet
+        llm_finish, text = "", ""
         try:
             while not (llm_finish or stops.stopped or sender.is_cancelled()):
                 response = await loop.run_in_executor(self.stream_readers, next, responses, None)
@@ -157,12 +162,17 @@ class TritonPythonModel:
                 if ids is None:  # the empty final response
                     continue
                 ids = ids.as_numpy().reshape(-1).tolist()
-                completion_tokens += len(ids)
+                usage["completion_tokens"] += len(ids)
+                cached = pb_utils.get_output_tensor_by_name(response, "CACHED_TOKENS")
+                if cached is not None:
+                    usage["cached_tokens"] = int(cached.as_numpy()[0])
+                if logprobs is not None:
+                    logprobs += self._logprob_entries(ids, response)
                 llm_finish = pb_utils.get_output_tensor_by_name(response, "FINISH_REASON").as_numpy()[0].decode()
                 text = stops.feed(detok.add(ids))
-                if text and not (llm_finish or stops.stopped):
-                    self._send(sender, text, "", len(input_ids), completion_tokens)
-                    text = ""
+                if (text or logprobs) and not (llm_finish or stops.stopped):
+                    self._send(sender, text, "", usage, logprobs)
+                    text, logprobs = "", None if logprobs is None else []
         finally:
             if stops.stopped or not llm_finish:  # ended early: free the engine's resources now
                 await self._abort(request_id)
@@ -172,15 +182,42 @@ class TritonPythonModel:
         if not stops.stopped:
             text += stops.feed(detok.flush()) + stops.flush()
         finish_reason = "stop" if stops.stopped else (llm_finish or "stop")
-        self._send(sender, text, finish_reason, len(input_ids), completion_tokens, final=True)
+        self._send(sender, text, finish_reason, usage, logprobs, final=True)
 
-    def _send(self, sender, text, finish_reason, prompt_tokens, completion_tokens, final=False) -> None:
-        sender.send(pb_utils.InferenceResponse([
+    def _logprob_entries(self, ids: list[int], response) -> list[dict]:
+        """OpenAI's logprob entries (token, bytes, logprob, top_logprobs) of the tokens that have text."""
+        def tensor(name):
+            return pb_utils.get_output_tensor_by_name(response, name).as_numpy()
+
+        values, top_ids, top_values = tensor("LOGPROBS"), tensor("TOP_LOGPROB_IDS"), tensor("TOP_LOGPROBS")
+
+        def entry(token_id: int, logprob: float) -> dict | None:
+            data = self.token_bytes(token_id)
+            if data is None:
+                return None
+            return {"token": data.decode("utf-8", errors="replace"), "bytes": list(data),
+                    "logprob": max(float(logprob), MIN_LOGPROB)}
+
+        entries = []
+        for i, token_id in enumerate(ids):
+            chosen = entry(token_id, values[i])
+            if chosen is not None:  # a special token: not in the text either
+                tops = (entry(int(t), v) for t, v in zip(top_ids[i], top_values[i]) if v > -np.inf)
+                entries.append({**chosen, "top_logprobs": [top for top in tops if top is not None]})
+        return entries
+
+    def _send(self, sender, text: str, finish_reason: str, usage: dict, logprobs: list | None,
+              final: bool = False) -> None:
+        tensors = [
             pb_utils.Tensor("TEXT", np.asarray([text.encode()], dtype=np.object_)),
             pb_utils.Tensor("FINISH_REASON", np.asarray([finish_reason], dtype=np.object_)),
-            _tensor("PROMPT_TOKENS", prompt_tokens, np.int32),
-            _tensor("COMPLETION_TOKENS", completion_tokens, np.int32),
-        ]), flags=FINAL if final else 0)
+            _tensor("PROMPT_TOKENS", usage["prompt_tokens"], np.int32),
+            _tensor("COMPLETION_TOKENS", usage["completion_tokens"], np.int32),
+            _tensor("CACHED_TOKENS", usage["cached_tokens"], np.int32),
+        ]
+        if logprobs is not None:
+            tensors.append(pb_utils.Tensor("LOGPROBS", np.asarray([json.dumps(logprobs).encode()], dtype=np.object_)))
+        sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
 
     async def _abort(self, request_id: str) -> None:
         responses = await pb_utils.InferenceRequest(
