@@ -16,9 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from vlmserve.errors import INVALID_REQUEST_PREFIX
-
-MODEL_NAME = "vlm"
+from vlmserve.contracts import VLM, invalid_request_message
 
 
 class TritonError(RuntimeError):
@@ -62,9 +60,10 @@ def _bytes_input(name: str, values: list[bytes]) -> grpcclient.InferInput:
 
 
 def _error(message: str) -> TritonError:
-    # Model errors reach us wrapped in Triton's own text; the marker may sit anywhere in it.
-    if INVALID_REQUEST_PREFIX in message:
-        return InvalidRequestError(message.split(INVALID_REQUEST_PREFIX, 1)[1])
+    # A stream response carries only a message, no error code: the contract marks the user's mistakes in it.
+    user_message = invalid_request_message(message)
+    if user_message is not None:
+        return InvalidRequestError(user_message)
     if any(marker in message for marker in _UNAVAILABLE_MARKERS):
         return UnavailableError(message)
     return TritonError(message)
@@ -81,16 +80,16 @@ def _transport_error(exc: grpc.RpcError | InferenceServerException) -> TritonErr
 
 
 def _chunk(result: grpcclient.InferResult) -> GenerationChunk | None:
-    text = result.as_numpy("TEXT")
+    text = result.as_numpy(VLM.TEXT.name)
     if text is None:  # the empty final response
         return None
-    logprobs = result.as_numpy("LOGPROBS")
+    logprobs = result.as_numpy(VLM.LOGPROBS.name)
     return GenerationChunk(
         text=text[0].decode("utf-8"),
-        finish_reason=result.as_numpy("FINISH_REASON")[0].decode("utf-8") or None,
-        prompt_tokens=int(result.as_numpy("PROMPT_TOKENS")[0]),
-        completion_tokens=int(result.as_numpy("COMPLETION_TOKENS")[0]),
-        cached_tokens=int(result.as_numpy("CACHED_TOKENS")[0]),
+        finish_reason=result.as_numpy(VLM.FINISH_REASON.name)[0].decode("utf-8") or None,
+        prompt_tokens=int(result.as_numpy(VLM.PROMPT_TOKENS.name)[0]),
+        completion_tokens=int(result.as_numpy(VLM.COMPLETION_TOKENS.name)[0]),
+        cached_tokens=int(result.as_numpy(VLM.CACHED_TOKENS.name)[0]),
         logprobs=None if logprobs is None else json.loads(logprobs[0]),
     )
 
@@ -120,7 +119,7 @@ class TritonVLMClient:
         try:
             return (await self._client.is_server_live(client_timeout=timeout_s)
                     and await self._client.is_server_ready(client_timeout=timeout_s)
-                    and await self._client.is_model_ready(MODEL_NAME, client_timeout=timeout_s))
+                    and await self._client.is_model_ready(VLM.NAME, client_timeout=timeout_s))
         except InferenceServerException:
             return False
 
@@ -141,10 +140,10 @@ class TritonVLMClient:
             encoded = json.dumps(body, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:
             raise InvalidRequestError("the request text is not valid Unicode (an unpaired surrogate)") from None
-        inputs = [_bytes_input("REQUEST", [encoded])]
+        inputs = [_bytes_input(VLM.REQUEST.name, [encoded])]
         if media:
-            inputs.append(_bytes_input("MEDIA", media))
-        request = {"model_name": MODEL_NAME, "inputs": inputs, "request_id": request_id}
+            inputs.append(_bytes_input(VLM.MEDIA.name, media))
+        request = {"model_name": VLM.NAME, "inputs": inputs, "request_id": request_id}
 
         async def one_request():
             yield request

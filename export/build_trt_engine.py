@@ -73,6 +73,28 @@ class ProcessorLimits:
         return min_patches, max_per_image, max_per_image * max_images
 
 
+def profile_record(plan_path: str | Path) -> Path:
+    """Where the profile a plan was built for is recorded: beside it. Reading it back from the plan
+    itself needs TensorRT and a GPU; the repository generator needs neither."""
+    plan_path = Path(plan_path)
+    return plan_path.with_name(plan_path.name + ".profile.json")
+
+
+def write_profile(plan_path: str | Path, profile: tuple[int, int, int]) -> None:
+    record = dict(zip(("min_patches", "opt_patches", "max_patches"), profile))
+    profile_record(plan_path).write_text(json.dumps(record) + "\n")
+
+
+def read_profile(plan_path: str | Path) -> tuple[int, int, int]:
+    """(min, opt, max) patches of a plan built by this module or export.vit_engine; ValueError without a record."""
+    try:
+        record = json.loads(profile_record(plan_path).read_text())
+        return record["min_patches"], record["opt_patches"], record["max_patches"]
+    except (FileNotFoundError, ValueError, KeyError) as exc:
+        raise ValueError(f"no readable profile record {profile_record(plan_path)} beside the TensorRT plan; "
+                         "build the plan with python -m export.vit_engine (or export.build_trt_engine)") from exc
+
+
 def check_patch_profile(profile: tuple[int, int, int], merge_unit: int) -> None:
     min_patches, opt_patches, max_patches = profile
     if not 0 < min_patches <= opt_patches <= max_patches:
@@ -186,6 +208,7 @@ def build_engine(
     plan_path.parent.mkdir(parents=True, exist_ok=True)
     with log.phase(f"writing {plan_path}"):
         plan_path.write_bytes(serialized)  # IHostMemory is a buffer
+        write_profile(plan_path, patch_profile)
     return plan_path
 
 

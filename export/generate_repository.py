@@ -24,8 +24,10 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from export.build_trt_engine import ProcessorLimits, read_profile
+from vlmserve.contracts import LLM, PREPROCESS, VIT, VIT_CACHE, VLM, TensorSpec
 from vlmserve.llm_serving.engine_config import CONFIG_FILE, ENGINES, EngineConfig
-from vlmserve.media_settings import OPTION_INPUTS, MediaSettings
+from vlmserve.media_settings import MediaSettings, capped_max_pixels
 from vlmserve.vit_packing import CPU_MAX_PATCHES_PER_CALL, MAX_PATCHES_PER_CALL
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
@@ -106,26 +108,27 @@ def engine_config(opts: RepositoryOptions) -> EngineConfig:
     args = {k: v for k, v in args.items() if v not in (0, None) or isinstance(v, bool)}
     return EngineConfig(opts.llm_engine, checkpoint, {**args, **opts.llm_engine_args})
 
-def _tensor(name: str, dtype: str, dims: list[int], optional: bool = False) -> str:
-    extra = " optional: true" if optional else ""
-    return f'  {{ name: "{name}" data_type: {dtype} dims: [ {", ".join(map(str, dims))} ]{extra} }}'
+def _tensor(spec: TensorSpec) -> str:
+    extra = " optional: true" if spec.optional else ""
+    return f'  {{ name: "{spec.name}" data_type: {spec.dtype} dims: [ {", ".join(map(str, spec.dims))} ]{extra} }}'
 
 
-def _io(kind: str, tensors: list[str]) -> str:
-    return f"{kind} [\n" + ",\n".join(tensors) + "\n]\n"
+def _io(kind: str, specs: tuple[TensorSpec, ...]) -> str:
+    return f"{kind} [\n" + ",\n".join(map(_tensor, specs)) + "\n]\n"
 
 
 def _parameters(values: dict[str, object]) -> str:
     return "".join(f'parameters {{ key: "{k}" value: {{ string_value: "{v}" }} }}\n' for k, v in values.items())
 
 
-def _config(name: str, backend: str, inputs: list[str], outputs: list[str], instances: str,
-            params: dict[str, object] | None = None, decoupled: bool = False, comment: str = "") -> str:
+def _config(model: type, backend: str, instances: str, params: dict[str, object] | None = None,
+            decoupled: bool = False, comment: str = "") -> str:
+    """config.pbtxt of ``model``, a class of vlmserve.contracts (its name, inputs and outputs)."""
     text = "".join(f"# {line}\n" for line in comment.splitlines())
-    text += f'name: "{name}"\n{backend}\nmax_batch_size: 0\n'
+    text += f'name: "{model.NAME}"\n{backend}\nmax_batch_size: 0\n'
     if decoupled:
         text += "model_transaction_policy { decoupled: true }\n"
-    text += _io("input", inputs) + _io("output", outputs) + instances
+    text += _io("input", model.inputs) + _io("output", model.outputs) + instances
     return text + _parameters(params or {})
 
 
@@ -138,11 +141,6 @@ def _gpu_instances(gpus: list[int], count: int) -> str:
     return f"instance_group [\n{groups}\n]\n"
 
 
-VIT_INPUTS = [_tensor("pixel_values", "TYPE_FP32", [-1, -1]), _tensor("position_ids", "TYPE_INT64", [-1, 2]),
-              _tensor("segment_ids", "TYPE_INT64", [-1])]
-VIT_OUTPUTS = [_tensor("image_embeds", "TYPE_FP32", [-1, -1])]
-
-
 VIT_BATCHING = """No dynamic_batching: the patch dimension is ragged, and Triton batches ragged inputs of
 a TensorRT plan only as flattened 1-D tensors and scatters outputs only in the shape of an input
 (image_embeds has a quarter of the rows of pixel_values). The vlm model batches instead: it packs all
@@ -152,11 +150,11 @@ a larger medium goes alone. On GPU the engine profile's max covers the largest i
 
 def vit_config(opts: RepositoryOptions) -> str:
     if opts.target == "gpu":
-        return _config("vit", 'platform: "tensorrt_plan"', VIT_INPUTS, VIT_OUTPUTS,
-                       _gpu_instances(opts.gpus, opts.vit_instances_per_gpu), comment=VIT_BATCHING)
+        return _config(VIT, 'platform: "tensorrt_plan"', _gpu_instances(opts.gpus, opts.vit_instances_per_gpu),
+                       comment=VIT_BATCHING)
     threads = opts.vit_cpu_threads or default_vit_cpu_threads(os.cpu_count() or 1, opts.llm_threads,
                                                               opts.vit_cpu_instances)
-    return _config("vit", 'backend: "python"', VIT_INPUTS, VIT_OUTPUTS, _cpu_instances(opts.vit_cpu_instances),
+    return _config(VIT, 'backend: "python"', _cpu_instances(opts.vit_cpu_instances),
                    {"onnx_path": Path(opts.vit_onnx).resolve(), "intra_op_threads": threads}, comment=VIT_BATCHING)
 
 
@@ -168,57 +166,52 @@ def _media_parameters(opts: RepositoryOptions) -> dict[str, object]:
 
 
 def preprocess_config(opts: RepositoryOptions) -> str:
-    inputs = [_tensor("MEDIA", "TYPE_STRING", [1]), _tensor("KIND", "TYPE_STRING", [1]),
-              *(_tensor(name, "TYPE_FP32" if name == "FPS" else "TYPE_INT64", [1], optional=True)
-                for name in OPTION_INPUTS.values())]
-    outputs = [_tensor("PIXEL_VALUES", "TYPE_FP32", [-1, -1]), _tensor("GRID_THW", "TYPE_INT64", [3])]
-    return _config("preprocess", 'backend: "python"', inputs, outputs, _cpu_instances(opts.preprocess_instances),
+    return _config(PREPROCESS, 'backend: "python"', _cpu_instances(opts.preprocess_instances),
                    _media_parameters(opts))
 
 
 def vit_cache_config(opts: RepositoryOptions) -> str:
-    inputs = [_tensor("KEY", "TYPE_STRING", [1]), _tensor("EMBEDS", "TYPE_FP32", [-1, -1], optional=True),
-              _tensor("GRID_THW", "TYPE_INT64", [3], optional=True)]
-    outputs = [_tensor("FOUND", "TYPE_BOOL", [1]), _tensor("EMBEDS", "TYPE_FP32", [-1, -1]),
-               _tensor("GRID_THW", "TYPE_INT64", [3])]
     # Exactly one instance: the cache is shared by all vlm instances only if it exists once.
-    return _config("vit_cache", 'backend: "python"', inputs, outputs, _cpu_instances(1),
-                   {"max_bytes": int(opts.vit_cache_mb * 2**20)})
+    return _config(VIT_CACHE, 'backend: "python"', _cpu_instances(1), {"max_bytes": int(opts.vit_cache_mb * 2**20)})
 
 
 def llm_config(opts: RepositoryOptions) -> str:
-    inputs = [_tensor("REQUEST_ID", "TYPE_STRING", [1]), _tensor("INPUT_IDS", "TYPE_INT64", [-1], optional=True),
-              _tensor("POSITION_IDS", "TYPE_INT64", [3, -1], optional=True),
-              _tensor("ROPE_DELTA", "TYPE_INT64", [1], optional=True),
-              _tensor("MEDIA_EMBEDS", "TYPE_FP32", [-1, -1], optional=True),
-              _tensor("MEDIA_KEYS", "TYPE_STRING", [-1], optional=True),
-              _tensor("MEDIA_GRID_THW", "TYPE_INT64", [-1, 3], optional=True),
-              _tensor("SAMPLING", "TYPE_STRING", [1], optional=True), _tensor("ABORT", "TYPE_BOOL", [1], optional=True)]
-    outputs = [_tensor("TOKEN_IDS", "TYPE_INT64", [-1]), _tensor("FINISH_REASON", "TYPE_STRING", [1]),
-               # Only when the request asks for logprobs: the sampled tokens', then the top ones of each step.
-               _tensor("LOGPROBS", "TYPE_FP32", [-1]), _tensor("TOP_LOGPROB_IDS", "TYPE_INT64", [-1, -1]),
-               _tensor("TOP_LOGPROBS", "TYPE_FP32", [-1, -1]),
-               _tensor("CACHED_TOKENS", "TYPE_INT32", [1])]  # on the first response: prompt tokens the prefix cache served
     # One instance: the engine batches all requests itself (and spans GPUs with tensor parallelism).
-    return _config("llm", 'backend: "python"', inputs, outputs, _cpu_instances(1), decoupled=True,
+    return _config(LLM, 'backend: "python"', _cpu_instances(1), decoupled=True,
                    comment=f"Engine and its settings: 1/{CONFIG_FILE}")
 
 
 def vlm_config(opts: RepositoryOptions) -> str:
-    inputs = [_tensor("REQUEST", "TYPE_STRING", [1]), _tensor("MEDIA", "TYPE_STRING", [-1], optional=True)]
-    outputs = [_tensor("TEXT", "TYPE_STRING", [1]), _tensor("FINISH_REASON", "TYPE_STRING", [1]),
-               _tensor("PROMPT_TOKENS", "TYPE_INT32", [1]), _tensor("COMPLETION_TOKENS", "TYPE_INT32", [1]),
-               _tensor("CACHED_TOKENS", "TYPE_INT32", [1]),
-               _tensor("LOGPROBS", "TYPE_STRING", [1])]  # JSON: OpenAI's logprob entries of the tokens in TEXT
     params = {**_media_parameters(opts), "vit_cache": str(opts.vit_cache_mb > 0).lower(),
               "vit_max_patches": opts.vit_max_patches or default_vit_max_patches(opts.target)}
     if opts.max_model_len:
         params["max_model_len"] = opts.max_model_len  # vlm rejects longer prompts before the llm sees them
-    return _config("vlm", 'backend: "python"', inputs, outputs, _cpu_instances(1), params, decoupled=True)
+    return _config(VLM, 'backend: "python"', _cpu_instances(1), params, decoupled=True)
 
 
-CONFIGS = {"preprocess": preprocess_config, "vit": vit_config, "vit_cache": vit_cache_config, "llm": llm_config,
-           "vlm": vlm_config}
+CONFIGS = {PREPROCESS.NAME: preprocess_config, VIT.NAME: vit_config, VIT_CACHE.NAME: vit_cache_config,
+           LLM.NAME: llm_config, VLM.NAME: vlm_config}
+
+
+def check_vit_profile(opts: RepositoryOptions) -> None:
+    """Refuse settings the TensorRT plan cannot run: a call is at most vit_max_patches patches, or one
+    whole image or video frame (the largest by max_pixels / video_max_pixels), and each must fit the
+    max of the plan's optimization profile."""
+    _, _, profile_max = read_profile(opts.vit_engine)
+    limits = ProcessorLimits.from_checkpoint(opts.checkpoint)
+
+    def patches(pixels: object) -> int:
+        return capped_max_pixels(int(pixels), limits.patch_size) // limits.patch_size**2
+
+    largest = {"vit_max_patches": opts.vit_max_patches or default_vit_max_patches(opts.target),
+               "max_pixels": patches(opts.media.get("max_pixels", limits.max_pixels))}
+    if "video_max_pixels" in opts.media:
+        largest["video_max_pixels"] = patches(opts.media["video_max_pixels"])
+    for setting, count in largest.items():
+        if count > profile_max:
+            raise ValueError(f"{setting} allows vit calls of {count} patches, but the TensorRT plan "
+                             f"{opts.vit_engine} was built for at most {profile_max}: lower it, or build the "
+                             "plan for more (python -m export.vit_engine --max-images N)")
 
 
 def generate_repository(opts: RepositoryOptions) -> Path:
@@ -229,19 +222,21 @@ def generate_repository(opts: RepositoryOptions) -> Path:
         raise ValueError("the cpu target needs --vit-onnx")
     if opts.target == "gpu" and opts.vit_engine is None:
         raise ValueError("the gpu target needs --vit-engine")
+    if opts.target == "gpu":
+        check_vit_profile(opts)
     config = engine_config(opts)  # checks the engine name before anything is written
     if opts.out.exists():
         shutil.rmtree(opts.out)
     for name, make_config in CONFIGS.items():
-        if name == "vit_cache" and opts.vit_cache_mb <= 0:
+        if name == VIT_CACHE.NAME and opts.vit_cache_mb <= 0:
             continue
         version = opts.out / name / "1"
         version.mkdir(parents=True)
         (opts.out / name / "config.pbtxt").write_text(make_config(opts))
-        if name == "vit" and opts.target == "gpu":
+        if name == VIT.NAME and opts.target == "gpu":
             shutil.copy2(opts.vit_engine, version / "model.plan")
             continue
-        if name == "llm":
+        if name == LLM.NAME:
             config.write(version)
         shutil.copy2(SOURCE_REPOSITORY / name / "1" / "model.py", version / "model.py")
     return opts.out

@@ -43,10 +43,12 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
     apply_rotary_pos_emb_vision,
 )
 
+from vlmserve.contracts import VIT
 from vlmserve.vision_inputs import vit_inputs
 
-INPUT_NAMES = ("pixel_values", "position_ids", "segment_ids")
-OUTPUT_NAME = "image_embeds"
+# The `vit` model's tensors: Triton binds the TensorRT plan's inputs and output by these names.
+INPUT_NAMES = tuple(spec.name for spec in VIT.inputs)
+OUTPUT_NAME = VIT.IMAGE_EMBEDS.name
 ATTENTION_MODES = ("segments", "masked")
 # Domain of the placeholder node the trace emits for per-segment attention; replaced before saving.
 _PLACEHOLDER_DOMAIN = "vlmserve"
@@ -347,12 +349,7 @@ def export_vision_onnx(
             opset_version=opset,
             input_names=list(INPUT_NAMES),
             output_names=[OUTPUT_NAME],
-            dynamic_axes={
-                "pixel_values": patches,
-                "position_ids": patches,
-                "segment_ids": patches,
-                OUTPUT_NAME: {0: "num_tokens"},
-            },
+            dynamic_axes={**dict.fromkeys(INPUT_NAMES, patches), OUTPUT_NAME: {0: "num_tokens"}},
             custom_opsets={_PLACEHOLDER_DOMAIN: 1},
         )
         _finish_model(tmp_path, out_path)

@@ -42,6 +42,7 @@ def cached_engine(checkpoint: Path, out: Path, precision: str, cache_dir: Path, 
     plan, built = EngineCache(cache_dir).get_or_build(key, build)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(plan, out)
+    build_trt_engine.write_profile(out, profile)
     return out, built
 
 

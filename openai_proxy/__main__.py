@@ -49,9 +49,6 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
                         help="the model name clients send and /v1/models lists")
     parser.add_argument("--api-key", default=os.environ.get("VLM_API_KEY") or None,
                         help="require `Authorization: Bearer KEY` on /v1 routes (default: $VLM_API_KEY; unset: open)")
-    parser.add_argument("--default-max-tokens", type=int, default=defaults.default_max_tokens,
-                        help="chat completions' max_tokens when the request sets none")
-    parser.add_argument("--default-video-fps", type=float, default=defaults.default_video_fps)
     parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
                         help="larger request bodies get 413")
     parser.add_argument("--max-concurrent-requests", type=int, default=defaults.max_concurrent_requests,
@@ -78,7 +75,6 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
 
     settings = Settings(
         triton_url=args.triton_url, served_model_name=args.served_model_name, api_key=args.api_key,
-        default_max_tokens=args.default_max_tokens, default_video_fps=args.default_video_fps,
         max_request_bytes=args.max_request_bytes, max_concurrent_requests=args.max_concurrent_requests,
         request_timeout_s=args.request_timeout_s, shutdown_grace_s=args.shutdown_grace_s,
         max_media_per_request=args.max_media_per_request, max_media_bytes=args.max_media_bytes,

@@ -8,12 +8,9 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from openai_proxy.schemas import MAX_LOGPROBS, GenerationRequest, Usage
 
-DEFAULT_MAX_TOKENS = 16  # OpenAI's default for this API
-
-
 class CompletionRequest(GenerationRequest):
     prompt: str
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int = Field(16, ge=1)  # OpenAI's default for this API (and vLLM's)
     echo: bool | None = None
     logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)  # top tokens per position
     # Refused unless they ask for nothing (see GenerationRequest.NEUTRAL).

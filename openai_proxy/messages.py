@@ -16,10 +16,7 @@ from openai_proxy.chat_schemas import (
 )
 from openai_proxy.schemas import GenerationRequest, StructuredOutputs
 from openai_proxy.tools import call_text, response_text, with_tools_prompt
-
-# Request fields passed to the model under the same name when the client sets them.
-_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "frequency_penalty", "presence_penalty",
-                    "repetition_penalty", "seed", "min_tokens", "ignore_eos")
+from vlmserve.sampling_options import OPTIONS
 
 
 def _text(content: str | list[TextPart] | None) -> str:
@@ -41,13 +38,13 @@ def _tool_turn(message: Message, previous: dict | None) -> dict | None:
     return None
 
 
-def to_hf_messages(messages: Sequence[Message], default_video_fps: float,
-                   tools: list[Tool] | None = None) -> tuple[list[dict], list[str]]:
+def to_hf_messages(messages: Sequence[Message], tools: list[Tool] | None = None) -> tuple[list[dict], list[str]]:
     """HF-form messages and the URLs of their images/videos, in the order the parts appear.
 
     Images and videos are replaced by placeholders (`{"type": "image"}`, with the part's own
     resolution options, which the `vlm` model resolves); their bytes travel apart, in the MEDIA
-    input, in the same order. `tools`, if given, are described in the system message.
+    input, in the same order. A part's own options go along only when set: the server's settings apply to
+    the rest. `tools`, if given, are described in the system message.
     """
     hf_messages, urls = [], []
     for message in messages:
@@ -68,10 +65,8 @@ def to_hf_messages(messages: Sequence[Message], default_video_fps: float,
                 content.append({"type": "image", **part.options()})
                 urls.append(part.image_url.url)
             elif isinstance(part, VideoURLPart):
-                video = {"type": "video", "fps": part.video_url.fps or default_video_fps}
-                if part.video_url.max_frames is not None:
-                    video["max_frames"] = part.video_url.max_frames
-                content.append(video)
+                options = {"fps": part.video_url.fps, "max_frames": part.video_url.max_frames}
+                content.append({"type": "video", **{k: v for k, v in options.items() if v is not None}})
                 urls.append(part.video_url.url)
         hf_messages.append({"role": role, "content": content})
     for message in hf_messages:
@@ -79,19 +74,17 @@ def to_hf_messages(messages: Sequence[Message], default_video_fps: float,
     return (with_tools_prompt(hf_messages, tools) if tools else hf_messages), urls
 
 
-def sampling_params(request: GenerationRequest, max_tokens: int, logprobs: int | None = None,
+def sampling_params(request: GenerationRequest, max_tokens: int | None, logprobs: int | None = None,
                     constraint: StructuredOutputs | None = None) -> dict:
-    """The `sampling` object of the Triton request; unset options are left to the model's defaults.
-    `logprobs`: how many top tokens to return the logprobs of (0: only the sampled ones')."""
-    sampling = {name: getattr(request, name) for name in _SAMPLING_FIELDS if getattr(request, name) is not None}
-    sampling["max_tokens"] = max_tokens
-    if request.stop is not None:
-        sampling["stop"] = request.stop_list()
-    if logprobs is not None:
-        sampling["logprobs"] = logprobs
-    if constraint is not None:
-        sampling["structured_outputs"] = constraint.engine_form()
-    return sampling
+    """The `sampling` object of the Triton request: the options the client set, under the server's names
+    (vlmserve.sampling_options); the server's defaults apply to the rest. Those whose request form differs
+    come as arguments: `logprobs`, how many top tokens to return the logprobs of (0: only the sampled ones')."""
+    sampling = {name: getattr(request, name) for name in OPTIONS
+                if name in type(request).model_fields and getattr(request, name) is not None}
+    overrides = {"max_tokens": max_tokens, "stop": request.stop_list(), "logprobs": logprobs,
+                 "structured_outputs": None if constraint is None else constraint.engine_form()}
+    sampling.update(overrides)
+    return {name: value for name, value in sampling.items() if value is not None}
 
 
 def choice_sampling(sampling: dict, index: int) -> dict:

@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse
 
 from client.triton_vlm import TritonVLMClient
 from openai_proxy.chat_schemas import ChatCompletionRequest
-from openai_proxy.completion_schemas import DEFAULT_MAX_TOKENS, CompletionRequest
+from openai_proxy.completion_schemas import CompletionRequest
 from openai_proxy.errors import RETRY_AFTER_S, APIError
 from openai_proxy.generation import run_generation
 from openai_proxy.media_fetch import MediaFetcher
@@ -49,12 +49,11 @@ async def chat_completions(body: ChatCompletionRequest, request: Request,
                            settings: Settings = Depends(settings_of)) -> Response:
     _check_model(body.model, settings)
     mode = body.tool_mode
-    messages, urls = to_hf_messages(body.messages, settings.default_video_fps,
-                                    body.tools if mode != "none" else None)
+    messages, urls = to_hf_messages(body.messages, body.tools if mode != "none" else None)
     if len(urls) > settings.max_media_per_request:
         raise APIError(400, f"at most {settings.max_media_per_request} images and videos per request, "
                             f"got {len(urls)}", param="messages")
-    max_tokens = body.max_completion_tokens or body.max_tokens or settings.default_max_tokens
+    max_tokens = body.max_completion_tokens or body.max_tokens
     constraint = forced_call_constraint(body) or body.output_constraint()
     sampling = sampling_params(body, max_tokens, (body.top_logprobs or 0) if body.logprobs else None, constraint)
     tool_name = body.tool_choice.function.name if mode == "named" else None
@@ -73,8 +72,7 @@ async def completions(body: CompletionRequest, request: Request,
                       triton: TritonVLMClient = Depends(triton_client),
                       settings: Settings = Depends(settings_of)) -> Response:
     _check_model(body.model, settings)
-    sampling = sampling_params(body, body.max_tokens or DEFAULT_MAX_TOKENS, body.logprobs,
-                               body.structured_outputs)
+    sampling = sampling_params(body, body.max_tokens, body.logprobs, body.structured_outputs)
     fmt = TextFormat(settings.served_model_name, body.logprobs, body.prompt if body.echo else None)
 
     async def start():

@@ -9,8 +9,6 @@ from dataclasses import dataclass
 class Settings:
     triton_url: str = "127.0.0.1:8001"  # Triton gRPC host:port
     served_model_name: str = "qwen2-vl"  # the only `model` accepted and listed
-    default_max_tokens: int = 512  # chat requests that set neither max_tokens nor max_completion_tokens
-    default_video_fps: float = 2.0  # when a video_url part sets no fps
     api_key: str | None = None  # when set, /v1 routes want `Authorization: Bearer <api_key>`
     max_request_bytes: int = 64 * 1024 * 1024  # request body; larger ones get 413
     max_concurrent_requests: int = 256  # generations in flight (streams included); more get 429

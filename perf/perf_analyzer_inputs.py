@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from vlmserve.contracts import VLM
 from vlmserve.preprocessing import VisionPreprocessor
 from vlmserve.vision_inputs import vit_inputs
 
@@ -70,8 +71,8 @@ def vlm_data(max_tokens: int, count: int) -> dict:
         question = QUESTIONS[seed % len(QUESTIONS)]
         request = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}],
                    "sampling": {"max_tokens": max_tokens, "temperature": 0}}
-        entries.append({"REQUEST": {"content": [json.dumps(request)], "shape": [1]},
-                        "MEDIA": {"b64": serialized_bytes_tensor(png.getvalue()), "shape": [1]}})
+        entries.append({VLM.REQUEST.name: {"content": [json.dumps(request)], "shape": [1]},
+                        VLM.MEDIA.name: {"b64": serialized_bytes_tensor(png.getvalue()), "shape": [1]}})
     return {"data": entries}
 
 

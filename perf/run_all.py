@@ -40,9 +40,9 @@ from perf.stats import summarize
 from perf.stream_client import Target
 from perf.vllm_peer import VLLM, VLLMServer
 from perf.workloads import Sizes, Workload, draw_warmup, draw_workloads, sweep_points
-from vlmserve.deployment import Stack, prepare_cpu_repository
-from vlmserve.processes import free_port
-from vlmserve.triton_server import REPO_ROOT, TritonPorts
+from launcher.deployment import Stack, prepare_cpu_repository
+from launcher.processes import free_port
+from launcher.triton_server import REPO_ROOT, TritonPorts
 
 OURS = "ours"
 ENGINES = ("vllm", "native")

@@ -28,8 +28,8 @@ from pathlib import Path
 import httpx
 
 from perf.vit_stack import checkpoint_or_tiny, noise_png, running_stack
-from vlmserve.lifecycle import Deployment
-from vlmserve.triton_server import REPO_ROOT, STUB_NAME
+from launcher.lifecycle import Deployment
+from launcher.triton_server import REPO_ROOT, STUB_NAME
 
 VIT_CACHE_MB = 64  # small, so that a run of minutes fills it and eviction is exercised
 

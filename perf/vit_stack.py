@@ -22,8 +22,8 @@ from PIL import Image
 
 from client.triton_vlm import TritonVLMClient
 from export.tiny_model import build_tiny_checkpoint
-from vlmserve.deployment import Stack, prepare_cpu_repository
-from vlmserve.triton_server import TritonPorts
+from launcher.deployment import Stack, prepare_cpu_repository
+from launcher.triton_server import TritonPorts
 
 
 def checkpoint_or_tiny(checkpoint: Path | None, workdir: Path) -> Path:

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from perf.stream_client import Target
-from vlmserve.processes import stop_process, wait_healthy
-from vlmserve.triton_server import REPO_ROOT
+from launcher.processes import stop_process, wait_healthy
+from launcher.triton_server import REPO_ROOT
 
 VLLM = "vLLM"
 

@@ -35,8 +35,8 @@ ENGINE_OPTIONS = {"vllm": {"llm_engine": "vllm", "enforce_eager": True, "kv_cach
 @contextlib.contextmanager
 def running_stack(checkpoint: Path, workdir: Path, engine: str, proxy_args: tuple[str, ...] = (), **options):
     """tritonserver (all models) + the OpenAI proxy on free loopback ports, stopped on exit."""
-    from vlmserve.deployment import Stack, prepare_cpu_repository
-    from vlmserve.triton_server import TritonPorts
+    from launcher.deployment import Stack, prepare_cpu_repository
+    from launcher.triton_server import TritonPorts
 
     repository = prepare_cpu_repository(checkpoint, workdir, **{**ENGINE_OPTIONS[engine], **options})
     # The media server is on loopback, which the proxy refuses to fetch from unless told otherwise.

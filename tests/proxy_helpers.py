@@ -16,7 +16,7 @@ from openai_proxy.routes import triton_client
 from openai_proxy.settings import Settings
 
 MODEL = "test-model"
-SETTINGS = Settings(triton_url="127.0.0.1:1", served_model_name=MODEL, default_max_tokens=99)  # no Triton there
+SETTINGS = Settings(triton_url="127.0.0.1:1", served_model_name=MODEL)  # no Triton there
 ANSWER = [GenerationChunk("Hel", None, 5, 1), GenerationChunk("lo", None, 5, 2), GenerationChunk("", "stop", 5, 3)]
 
 

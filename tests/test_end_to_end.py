@@ -21,7 +21,7 @@ from tests.hf_reference import hf_generate
 from tests.test_engine_metrics import settled_metrics
 from vlmserve.media import decode_video
 from vlmserve.preprocessing import VisionPreprocessor
-from vlmserve.triton_server import REPO_ROOT
+from launcher.triton_server import REPO_ROOT
 
 MAX_TOKENS = 24
 

@@ -13,12 +13,23 @@ from export.generate_repository import (
     default_vit_cpu_threads,
     generate_repository,
 )
+from export.build_trt_engine import write_profile
 from vlmserve.llm_serving.engine_config import EngineConfig
 
 
+def fake_plan(checkpoint, max_patches: int = 16384):
+    """A stand-in TensorRT plan with its profile record, beside a checkpoint's preprocessor config
+    (Qwen2-VL's own limits: images of up to 12845056 pixels, 14-pixel patches)."""
+    (checkpoint / "preprocessor_config.json").write_text(
+        '{"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "merge_size": 2}')
+    plan = checkpoint / "vit.plan"
+    plan.write_bytes(b"plan")
+    write_profile(plan, (16, max_patches, max_patches))
+    return plan
+
+
 def test_gpu_target_pins_one_vit_instance_group_per_gpu(tmp_path):
-    engine = tmp_path / "vit.plan"
-    engine.write_bytes(b"plan")
+    engine = fake_plan(tmp_path)
     repo = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", target="gpu",
                                                  vit_engine=engine, gpus=[0, 1, 2, 3], vit_instances_per_gpu=2))
     vit = (repo / "vit" / "config.pbtxt").read_text()
@@ -36,8 +47,7 @@ def test_gpu_target_pins_one_vit_instance_group_per_gpu(tmp_path):
 
 
 def test_engine_config_is_passed_through_whole(tmp_path):
-    engine = tmp_path / "vit.plan"
-    engine.write_bytes(b"plan")
+    engine = fake_plan(tmp_path)
     opts = RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", target="gpu", vit_engine=engine,
                              gpus=[0, 1, 2, 3, 4, 5, 6, 7], tensor_parallel_size=4, gpu_memory_utilization=0.7,
                              max_model_len=8192, kv_cache_bytes=2**34, enforce_eager=True, quantization="fp8",
@@ -84,8 +94,7 @@ def test_cpu_target_serves_the_onnx_graph_from_python(tmp_path):
 
 
 def test_vit_is_batched_by_the_bls_not_by_triton(tmp_path):
-    engine = tmp_path / "vit.plan"
-    engine.write_bytes(b"plan")
+    engine = fake_plan(tmp_path)
     repo = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", target="gpu",
                                                  vit_engine=engine, vit_max_patches=8192))
     vit = (repo / "vit" / "config.pbtxt").read_text()
@@ -130,3 +139,23 @@ def test_media_settings_and_cache_switch(tmp_path):
     with pytest.raises(ValueError, match="unknown media settings"):
         generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "bad", vit_onnx=onnx,
                                               media={"max_framez": "1"}))
+
+
+def test_settings_the_tensorrt_profile_cannot_run_are_refused_at_generation(tmp_path):
+    def generate(plan, **options):
+        return generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", target="gpu",
+                                                     vit_engine=plan, **options))
+
+    generate(fake_plan(tmp_path))  # the default budget (4096) and the largest image (16384 patches) fit
+    with pytest.raises(ValueError, match=r"vit_max_patches allows vit calls of 8192 patches, but the TensorRT "
+                                         r"plan .* was built for at most 4096"):
+        generate(fake_plan(tmp_path, max_patches=4096), vit_max_patches=8192, media={"max_pixels": "802816"})
+    with pytest.raises(ValueError, match=r"max_pixels allows vit calls of 16384 patches"):
+        generate(fake_plan(tmp_path, max_patches=4096))  # the checkpoint's largest image
+    generate(fake_plan(tmp_path, max_patches=4096), media={"max_pixels": "802816"})  # 4096 patches: fits
+    with pytest.raises(ValueError, match=r"video_max_pixels allows vit calls of 8192 patches"):
+        generate(fake_plan(tmp_path, max_patches=4096), media={"max_pixels": "802816", "video_max_pixels": "1605632"})
+    plan = fake_plan(tmp_path)
+    (tmp_path / "vit.plan.profile.json").unlink()
+    with pytest.raises(ValueError, match="no readable profile record"):
+        generate(plan)

@@ -13,7 +13,7 @@ import pytest
 
 from client.triton_vlm import TritonError, UnavailableError, _error
 from tests.proxy_helpers import MODEL, FakeTriton, assert_openai_error, client_with, user
-from vlmserve.lifecycle import SHM_DIR, Deployment, descendants, parent_pids
+from launcher.lifecycle import SHM_DIR, Deployment, descendants, parent_pids
 
 
 @pytest.mark.parametrize("message", [

@@ -21,7 +21,7 @@ import pytest
 from tests.proxy_helpers import TrickyMediaServer
 from tests.test_end_to_end import mp4_bytes, png_bytes
 from tests.test_proxy_resilience import wait_until_idle
-from vlmserve.deployment import ProxyProcess
+from launcher.deployment import ProxyProcess
 
 MODEL = "tiny-qwen2-vl"
 KEY = "fuzz-key"

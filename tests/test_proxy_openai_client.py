@@ -13,7 +13,7 @@ import pytest
 
 from tests.hf_reference import hf_generate_text
 from tests.test_end_to_end import mp4_bytes, png_bytes
-from vlmserve.triton_server import REPO_ROOT
+from launcher.triton_server import REPO_ROOT
 
 MODEL = "tiny-qwen2-vl"
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.test_end_to_end import _metric
 from tests.test_engine_metrics import settled_metrics
-from vlmserve.deployment import ProxyProcess
+from launcher.deployment import ProxyProcess
 
 MODEL = "tiny-qwen2-vl"
 LONG = {"model": MODEL, "max_tokens": 3000, "temperature": 0,

@@ -30,7 +30,7 @@ def test_tools_are_described_in_the_system_message_and_a_tool_turn_is_rendered_a
             {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
         {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
         {"role": "tool", "tool_call_id": "c2", "content": "24 C"}]})
-    messages, urls = to_hf_messages(request.messages, 2.0, request.tools)
+    messages, urls = to_hf_messages(request.messages, request.tools)
     assert urls == [] and [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
     assert messages[0]["content"].startswith("You are a helpful assistant.\n\n# Tools")
     assert json.dumps(WEATHER) in messages[0]["content"]

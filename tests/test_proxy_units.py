@@ -107,12 +107,13 @@ def test_multi_turn_translation_keeps_history_and_orders_media():
         user([{"type": "video_url", "video_url": {"url": "http://h/v.mp4", "fps": 4}},
               {"type": "video_url", "video_url": {"url": "http://h/w.mp4"}}, {"type": "text", "text": "And these?"}]),
     ])
-    messages, urls = to_hf_messages(request.messages, default_video_fps=2.0)
+    messages, urls = to_hf_messages(request.messages)
     assert messages == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": [{"type": "text", "text": "Compare"}, {"type": "image"}, {"type": "image"}]},
         {"role": "assistant", "content": "They differ."},
-        {"role": "user", "content": [{"type": "video", "fps": 4.0}, {"type": "video", "fps": 2.0},
+        # A video without fps goes without: the server's --video-fps applies.
+        {"role": "user", "content": [{"type": "video", "fps": 4.0}, {"type": "video"},
                                      {"type": "text", "text": "And these?"}]},
     ]
     assert urls == ["http://h/1.png", "data:image/png;base64,AAAA", "http://h/v.mp4", "http://h/w.mp4"]
@@ -123,6 +124,8 @@ def test_sampling_params_map_openai_names_and_leave_unset_ones_out():
     assert sampling_params(request, max_tokens=20) == {
         "max_tokens": 20, "temperature": 0, "top_k": 5, "seed": 7, "stop": ["END"], "frequency_penalty": 0.5}
     assert sampling_params(chat_request(messages=[user("hi")]), 10) == {"max_tokens": 10}
+    # What the client left unset stays unset: the server's defaults apply.
+    assert sampling_params(chat_request(messages=[user("hi")], logprobs=False), None) == {}
     vllm_style = chat_request(messages=[user("hi")], top_k=-1, min_p=0.05, repetition_penalty=1.1)
     assert sampling_params(vllm_style, 10) == {"max_tokens": 10, "top_k": 0, "min_p": 0.05,
                                                "repetition_penalty": 1.1}
@@ -228,7 +231,7 @@ def test_stream_sends_role_deltas_finish_usage_and_done():
     assert chunks[4]["choices"] == [] and chunks[4]["usage"] == {
         "prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8, "prompt_tokens_details": {"cached_tokens": 0}}
     messages, media, sampling, request_id = fake.calls[0]
-    assert media == [b"hi"] and sampling == {"max_tokens": 99} and request_id == chunks[0]["id"] + "-0"
+    assert media == [b"hi"] and sampling == {} and request_id == chunks[0]["id"] + "-0"
 
 
 def test_stream_without_include_usage_has_no_usage():

@@ -22,10 +22,10 @@ import pytest
 from PIL import Image
 
 from tests.conftest import running_stack
-from vlmserve.deployment import Stack
-from vlmserve.lifecycle import Deployment, descendants, parent_pids
-from vlmserve.processes import free_ports
-from vlmserve.triton_server import REPO_ROOT
+from launcher.deployment import Stack
+from launcher.lifecycle import Deployment, descendants, parent_pids
+from launcher.processes import free_ports
+from launcher.triton_server import REPO_ROOT
 
 NOT_READY_WITHIN_S = 5.0
 BACK_WITHIN_S = 60.0
@@ -198,7 +198,7 @@ def _listening(port: int) -> bool:
 
 def test_ctrl_c_on_serve_frees_every_port_within_10s_and_leaves_nothing(tiny_checkpoint, tmp_path):
     ports = dict(zip(("--port", "--grpc-port", "--metrics-port", "--http-port"), free_ports(4)))
-    command = [sys.executable, "-m", "vlmserve.serve", "--checkpoint", str(tiny_checkpoint), "--workdir",
+    command = [sys.executable, "-m", "launcher.serve", "--checkpoint", str(tiny_checkpoint), "--workdir",
                str(tmp_path), "--llm-engine", "native", *itertools.chain(*((k, str(v)) for k, v in ports.items()))]
     log = tmp_path / "serve.log"
     deployment = Deployment.of(tmp_path / "deploy" / tiny_checkpoint.name)

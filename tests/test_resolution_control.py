@@ -31,7 +31,7 @@ SERVER = MediaSettings(min_pixels=56 * 56, max_pixels=560 * 560, video_min_pixel
 # The served stack's limits: images up to 560x560 (above the low-detail budget), and a video budget that
 # holds 8 sampled frames of the 84x56 test video but not 12.
 SERVED_MEDIA = {"min_pixels": str(SERVER.min_pixels), "max_pixels": str(SERVER.max_pixels),
-                "max_video_pixels": str(8 * 84 * 56)}
+                "max_video_pixels": str(8 * 84 * 56), "video_fps": "3"}
 
 
 # --- clamping ------------------------------------------------------------------------------------
@@ -125,9 +125,9 @@ def test_translation_hands_the_options_to_the_vlm_model():
         image_part(max_pixels=200704), image_part(detail="low"), image_part(detail="auto"),
         {"type": "video_url", "video_url": {"url": "http://h/v.mp4", "max_frames": 8}},
     ])]})
-    messages, _ = to_hf_messages(request.messages, default_video_fps=2.0)
+    messages, _ = to_hf_messages(request.messages)
     assert messages[0]["content"] == [{"type": "image", "max_pixels": 200704}, {"type": "image", "detail": "low"},
-                                      {"type": "image"}, {"type": "video", "fps": 2.0, "max_frames": 8}]
+                                      {"type": "image"}, {"type": "video", "max_frames": 8}]
 
 
 # --- the video decoding guard --------------------------------------------------------------------
@@ -216,3 +216,14 @@ def test_max_frames_limits_the_frames_and_the_decoded_size_is_bounded(limited_st
     per_pair = height * width // FACTOR**2  # two frames make one temporal patch
     assert tokens(max_frames=8) - tokens(max_frames=4) == (8 - 4) // 2 * per_pair
     assert tokens(max_frames=9) == tokens(max_frames=8)  # sampled counts are even
+
+
+@pytest.mark.timeout(600)
+def test_the_repository_s_video_fps_applies_to_videos_that_set_none(limited_stack, media_server):
+    url = media_server.add("resolution-fps.mp4", mp4_bytes(frames=12, fps=6, size=(84, 56)))
+
+    def tokens(**options) -> int:
+        return prompt_tokens(limited_stack, {"type": "video_url", "video_url": {"url": url, **options}})
+
+    # 2 s of video: 6 frames at the repository's 3 fps; 4 (the least sampled) at the usual default of 2.
+    assert tokens() == tokens(fps=3) > tokens(fps=2)

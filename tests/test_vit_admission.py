@@ -1,8 +1,8 @@
 """Admission before ViT work, and the `vit` process's memory on the largest image the settings allow.
 
 A 4000x3000 photo is resized to the served max_pixels (16384 patches, about 4000 LLM tokens): with
-the proxy's default max_tokens it does not fit the tiny checkpoint's 4096-token context, and must be a
-400 that names both numbers before any `vit` call; with a context that holds it, it is answered and
+max_tokens 512 it does not fit the tiny checkpoint's 4096-token context, and must be a 400 that names
+both numbers before any `vit` call; with a context that holds it, it is answered and
 the `vit` process stays under the documented bound.
 """
 
@@ -49,7 +49,7 @@ def big_photo_url(media_server) -> str:
 
 
 def ask(stack, url: str, max_tokens: int | None) -> openai.types.chat.ChatCompletion:
-    """A chat with the image; ``max_tokens`` None leaves the proxy's default (512)."""
+    """A chat with the image; ``max_tokens`` None leaves the server's default (512, capped by the context)."""
     client = openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused", max_retries=0, timeout=300)
     limit = {} if max_tokens is None else {"max_tokens": max_tokens}
     return client.chat.completions.create(model=MODEL, temperature=0, **limit, messages=[
@@ -69,7 +69,7 @@ def test_a_photo_over_the_context_is_a_400_before_the_vit_runs(native_stack, big
     before = vit_executions(stack)
     start = time.monotonic()
     with pytest.raises(openai.BadRequestError) as error:
-        ask(stack, big_photo_url, None)
+        ask(stack, big_photo_url, 512)
     elapsed = time.monotonic() - start
     match = re.search(r"Input length \((\d+)\) plus max_tokens \(512\) exceeds model's maximum context length "
                       r"\((\d+)\)", str(error.value))

@@ -19,6 +19,7 @@ import pytest
 
 from export.vision_onnx import export_vision_onnx
 from tests.test_end_to_end import png_bytes
+from vlmserve.contracts import encode_error
 from vlmserve.errors import InvalidRequest
 from vlmserve.media import decode_image
 from vlmserve.preprocessing import VisionPreprocessor
@@ -86,7 +87,7 @@ def fake_pb_utils(models: FakeModels) -> types.ModuleType:
             try:
                 outputs = models(self.model, self.inputs)
             except InvalidRequest as exc:
-                return Response(error=exc.triton_message())
+                return Response(error=encode_error(exc))
             return Response({name: Tensor(name, value) for name, value in outputs.items()})
 
     pb.Tensor, pb.InferenceRequest = Tensor, InferenceRequest

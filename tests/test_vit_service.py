@@ -143,7 +143,7 @@ def test_cached_embeddings_are_the_fresh_ones_bit_for_bit(stack, media_server, t
 def small_cache_server(tiny_checkpoint, tmp_path_factory):
     """tritonserver with only a `vit_cache` of SMALL_BUDGET bytes: the served model, loaded in seconds."""
     from export.generate_repository import RepositoryOptions, generate_repository
-    from vlmserve.triton_server import TritonPorts, TritonServer
+    from launcher.triton_server import TritonPorts, TritonServer
 
     workdir = tmp_path_factory.mktemp("small-cache")
     onnx = workdir / "vit.onnx"

@@ -1,11 +1,5 @@
-"""Errors a Triton model reports back to the caller."""
-
-# Prefix that marks a user mistake in a Triton error message; the proxy maps it to HTTP 400.
-INVALID_REQUEST_PREFIX = "invalid_request: "
+"""The error our code raises for a request that is itself wrong; vlmserve.contracts says how it crosses models."""
 
 
 class InvalidRequest(ValueError):
     """The request itself is wrong (bad media, bad parameters, prompt too long)."""
-
-    def triton_message(self) -> str:
-        return INVALID_REQUEST_PREFIX + str(self)

@@ -23,8 +23,8 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlmserve.errors import INVALID_REQUEST_PREFIX, InvalidRequest
-from vlmserve.media_settings import OPTION_INPUTS, MediaSettings, MediumOptions
+from vlmserve.contracts import PREPROCESS, VIT, VIT_CACHE, raise_for_error
+from vlmserve.media_settings import MediaSettings, MediumOptions
 from vlmserve.preprocessing import VisionPreprocessor
 from vlmserve.vit_packing import MAX_PATCHES_PER_CALL, pack_vit_calls, split_embeddings
 
@@ -73,11 +73,7 @@ async def _infer(model: str, inputs: Mapping[str, np.ndarray], outputs: list[str
     response = await pb_utils.InferenceRequest(
         model_name=model, inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()],
         requested_output_names=outputs).async_exec()
-    if response.has_error():
-        message = response.error().message()
-        if INVALID_REQUEST_PREFIX in message:  # bad media: the client's mistake, not ours
-            raise InvalidRequest(message.split(INVALID_REQUEST_PREFIX, 1)[1])
-        raise RuntimeError(f"{model}: {message}")
+    raise_for_error(response, model)  # InvalidRequest for bad media: the client's mistake, not ours
     return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
 
@@ -170,8 +166,8 @@ class MediaEncoder:
             grids = [value.grid_thw for value in todo.values()]
             calls = pack_vit_calls([value.pixels for value in todo.values()], grids, self.merge_size,
                                    self.max_patches)
-            outputs = await asyncio.gather(*(_infer("vit", call, ["image_embeds"]) for call in calls))
-            embeds = split_embeddings([out["image_embeds"] for out in outputs], grids, self.merge_size)
+            outputs = await asyncio.gather(*(_infer(VIT.NAME, call, [VIT.IMAGE_EMBEDS.name]) for call in calls))
+            embeds = split_embeddings([out[VIT.IMAGE_EMBEDS.name] for out in outputs], grids, self.merge_size)
             fresh = [Encoded(key, grid, e) for key, grid, e in zip(todo, grids, embeds)]
             if self.use_cache:
                 await asyncio.gather(*map(self._store, fresh))
@@ -179,19 +175,23 @@ class MediaEncoder:
         return encoded
 
     async def _preprocess(self, medium: _Medium) -> _Preprocessed:
-        inputs = {"MEDIA": np.asarray([medium.data], dtype=np.object_),
-                  "KIND": np.asarray([medium.options.kind], dtype=np.object_)}
-        for name, tensor in OPTION_INPUTS.items():
+        inputs = {PREPROCESS.MEDIA.name: np.asarray([medium.data], dtype=np.object_),
+                  PREPROCESS.KIND.name: np.asarray([medium.options.kind], dtype=np.object_)}
+        for name, spec in PREPROCESS.OPTIONS.items():
             value = getattr(medium.options, name)
             if value is not None:
-                inputs[tensor] = np.asarray([value], dtype=np.float32 if name == "fps" else np.int64)
-        out = await _infer("preprocess", inputs, ["PIXEL_VALUES", "GRID_THW"])
-        return _Preprocessed(out["PIXEL_VALUES"], out["GRID_THW"].reshape(3))
+                inputs[spec.name] = np.asarray([value], dtype=spec.numpy_dtype)
+        out = await _infer(PREPROCESS.NAME, inputs, [PREPROCESS.PIXEL_VALUES.name, PREPROCESS.GRID_THW.name])
+        return _Preprocessed(out[PREPROCESS.PIXEL_VALUES.name], out[PREPROCESS.GRID_THW.name].reshape(3))
 
     async def _lookup(self, key: str) -> Encoded | None:
-        out = await _infer("vit_cache", {"KEY": _key_tensor(key)}, ["FOUND", "EMBEDS", "GRID_THW"])
-        return Encoded(key, out["GRID_THW"], out["EMBEDS"]) if out["FOUND"][0] else None
+        out = await _infer(VIT_CACHE.NAME, {VIT_CACHE.KEY.name: _key_tensor(key)},
+                           [spec.name for spec in VIT_CACHE.outputs])
+        if not out[VIT_CACHE.FOUND.name][0]:
+            return None
+        return Encoded(key, out[VIT_CACHE.GRID_THW.name], out[VIT_CACHE.EMBEDS.name])
 
     async def _store(self, value: Encoded) -> None:
-        await _infer("vit_cache", {"KEY": _key_tensor(value.key), "EMBEDS": value.embeds, "GRID_THW": value.grid_thw},
-                     ["FOUND"])
+        inputs = {VIT_CACHE.KEY.name: _key_tensor(value.key), VIT_CACHE.EMBEDS.name: value.embeds,
+                  VIT_CACHE.GRID_THW.name: value.grid_thw}
+        await _infer(VIT_CACHE.NAME, inputs, [VIT_CACHE.FOUND.name])

@@ -138,10 +138,6 @@ class MediumOptions:
     max_frames: int | None = None
 
 
-# The `preprocess` model's optional input for each MediumOptions field (FPS is FP32, the rest INT64).
-OPTION_INPUTS = {"fps": "FPS", "min_pixels": "MIN_PIXELS", "max_pixels": "MAX_PIXELS", "max_frames": "MAX_FRAMES"}
-
-
 def _count(name: str, value: object) -> int | None:
     """A positive whole number a request set (None when unset); InvalidRequest otherwise."""
     if value is None:

@@ -21,16 +21,6 @@ def media_parts(messages: Sequence[dict]) -> list[dict]:
     return parts
 
 
-def check_context(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
-    """InvalidRequest naming both numbers (as vLLM words it) unless the prompt and max_tokens fit the context."""
-    if prompt_tokens > max_model_len:
-        raise InvalidRequest(f"Input length ({prompt_tokens}) exceeds model's maximum context length "
-                             f"({max_model_len})")
-    if prompt_tokens + max_tokens > max_model_len:
-        raise InvalidRequest(f"Input length ({prompt_tokens}) plus max_tokens ({max_tokens}) exceeds model's "
-                             f"maximum context length ({max_model_len})")
-
-
 def validate_messages(messages: object) -> list[dict]:
     """Check the HF chat-template form the `vlm` model accepts; raise InvalidRequest otherwise."""
     if not isinstance(messages, list) or not messages:

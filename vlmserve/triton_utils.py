@@ -7,6 +7,7 @@ import json
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlmserve.contracts import encode_error
 from vlmserve.errors import InvalidRequest
 
 
@@ -29,7 +30,9 @@ def required_input(request, name: str) -> np.ndarray:
 
 
 def triton_error(exc: Exception) -> pb_utils.TritonError:
-    """User mistakes keep their `invalid_request:` marker; anything else is an internal error."""
-    if isinstance(exc, InvalidRequest):
-        return pb_utils.TritonError(exc.triton_message())
-    return pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}")
+    """The error a model reports for ``exc``: user mistakes as INVALID_ARG, anything else as INTERNAL.
+
+    Callers read the message, not the code (see vlmserve.contracts.INVALID_REQUEST_MARKER).
+    """
+    code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, InvalidRequest) else pb_utils.TritonError.INTERNAL
+    return pb_utils.TritonError(encode_error(exc), code)

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from vlmserve.contracts import VIT
 from vlmserve.vision_inputs import vit_inputs
 
 
@@ -34,5 +35,5 @@ class OnnxVisionEncoder:
 
     def run(self, inputs: dict[str, np.ndarray]) -> np.ndarray:
         """Run on ready graph inputs (`pixel_values`, `position_ids`, `segment_ids`), as the `vit` model gets them."""
-        (image_embeds,) = self._session.run(["image_embeds"], inputs)
+        (image_embeds,) = self._session.run([VIT.IMAGE_EMBEDS.name], inputs)
         return image_embeds

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vlmserve.contracts import VIT
+
 
 def _as_grid(grid_thw: np.ndarray) -> np.ndarray:
     grid = np.asarray(grid_thw, dtype=np.int64)
@@ -69,7 +71,7 @@ def vit_inputs(
             f"pixel_values must be [{expected}, C*T*P*P] for grid_thw, got {pixels.shape}"
         )
     return {
-        "pixel_values": pixels,
-        "position_ids": vision_position_ids(grid_thw, spatial_merge_size),
-        "segment_ids": vision_segment_ids(grid_thw),
+        VIT.PIXEL_VALUES.name: pixels,
+        VIT.POSITION_IDS.name: vision_position_ids(grid_thw, spatial_merge_size),
+        VIT.SEGMENT_IDS.name: vision_segment_ids(grid_thw),
     }

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from vlmserve.contracts import VIT
 from vlmserve.vision_inputs import vision_position_ids
 
 # The TensorRT graph's masked attention costs (patches in the call)^2 however the segments split them, so
@@ -78,10 +79,10 @@ def pack_vit_calls(pixel_values: list[np.ndarray], grids: list[np.ndarray], merg
         calls[-1].append(frame)
         size += rows
     return [{
-        "pixel_values": np.ascontiguousarray(
+        VIT.PIXEL_VALUES.name: np.ascontiguousarray(
             np.concatenate([pixel_values[f.item][f.start:f.stop] for f in frames]), dtype=np.float32),
-        "position_ids": np.concatenate([positions[f.item][f.start:f.stop] for f in frames]),
-        "segment_ids": np.repeat(np.arange(len(frames), dtype=np.int64), [f.stop - f.start for f in frames]),
+        VIT.POSITION_IDS.name: np.concatenate([positions[f.item][f.start:f.stop] for f in frames]),
+        VIT.SEGMENT_IDS.name: np.repeat(np.arange(len(frames), dtype=np.int64), [f.stop - f.start for f in frames]),
     } for frames in calls]
 
 

@@ -19,6 +19,7 @@ from vlmserve.engine.scheduler import Scheduler
 from vlmserve.engine.sequence import MediaSpan, Sequence
 from vlmserve.engine.stats import EngineStats
 from vlmserve.errors import InvalidRequest
+from vlmserve.sampling_options import max_tokens_for
 
 
 @dataclass(frozen=True)
@@ -184,10 +185,10 @@ class LLMEngine:
             raise InvalidRequest("input_ids must be a non-empty array of token ids")
         if ids.min() < 0 or ids.max() >= self.vocab_size:
             raise InvalidRequest(f"input_ids must lie in [0, {self.vocab_size})")
-        if ids.size >= self.max_model_len:
-            raise InvalidRequest(f"prompt of {ids.size} tokens leaves no room under max_model_len {self.max_model_len}")
+        # The same context policy as the `vlm` model's: a request that does not fit is refused, not cut short.
+        max_tokens_for(sampling.max_tokens, ids.size, self.max_model_len, sampling.max_tokens)
         # The last sampled token never runs through the model, so it takes no KV slot.
-        kv_tokens = min(ids.size + sampling.max_tokens, self.max_model_len) - 1
+        kv_tokens = ids.size + sampling.max_tokens - 1
         if self.blocks.blocks_for(kv_tokens) > self.blocks.num_blocks:
             raise InvalidRequest(
                 f"prompt of {ids.size} tokens plus max_tokens {sampling.max_tokens} needs "

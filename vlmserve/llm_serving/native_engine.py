@@ -12,21 +12,15 @@ from transformers import GenerationConfig
 from vlmserve.engine import LLMEngine, SamplingParams
 from vlmserve.errors import InvalidRequest
 from vlmserve.llm_serving.engine import OutputCallback
-from vlmserve.llm_serving.request import VLLM_ONLY_SAMPLING, GenerationRequest, TokenChunk, check_media
+from vlmserve.llm_serving.request import GenerationRequest, TokenChunk, check_media
+from vlmserve.sampling_options import refuse_unless_native
 
 IDLE_WAIT_S = 0.05
-# What a client set to ask for a sampling field, as it knows the option.
-_OPTION_NAMES = {"structured_outputs": "structured output (response_format json_object or json_schema, "
-                                       "a forced tool_choice, or structured_outputs)"}
 
 
 def native_sampling(fields: dict, eos_ids: tuple[int, ...]) -> SamplingParams:
+    refuse_unless_native(fields)
     fields = dict(fields)
-    for name in VLLM_ONLY_SAMPLING:
-        if fields.get(name) is not None:
-            raise InvalidRequest(f"{_OPTION_NAMES.get(name, name)} needs the vllm engine; this server runs the "
-                                 "native reference engine (generate the repository with --llm-engine vllm)")
-        fields.pop(name, None)
     stop_ids = tuple(fields.pop("stop_token_ids", ())) + (() if fields.pop("ignore_eos", False) else eos_ids)
     try:
         return SamplingParams(**fields, stop_token_ids=stop_ids)

@@ -9,14 +9,6 @@ import numpy as np
 from vlmserve.errors import InvalidRequest
 
 
-# Sampling fields beyond vlmserve.engine.SamplingParams, as vLLM names them: the vLLM engine takes them,
-# the native one refuses them by name.
-VLLM_ONLY_SAMPLING = ("logprobs", "min_tokens", "structured_outputs")
-# Every sampling field the `llm` model takes (the `vlm` model forwards these and handles `stop` itself).
-SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "frequency_penalty",
-                   "presence_penalty", "repetition_penalty", "ignore_eos", *VLLM_ONLY_SAMPLING)
-
-
 @dataclass(frozen=True)
 class MediaInput:
     """One image or video of a prompt, already through the ViT."""
@@ -33,7 +25,7 @@ class GenerationRequest:
     input_ids: np.ndarray  # int64 [n]: the chat prompt with each medium's pad token repeated once per embedding row
     position_ids: np.ndarray  # int64 [3, n]: M-RoPE positions (the native engine uses them; vLLM computes its own)
     rope_delta: int
-    sampling: dict  # engine-neutral sampling fields (vlmserve.engine.SamplingParams names)
+    sampling: dict  # the request's sampling options (vlmserve.sampling_options), stop strings excluded
     media: list[MediaInput] = field(default_factory=list)  # in prompt order
 
 

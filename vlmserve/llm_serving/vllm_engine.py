@@ -20,8 +20,9 @@ from vlmserve.engine.sampling import SamplingParams as CheckedSampling
 from vlmserve.engine.stats import EngineStats
 from vlmserve.errors import InvalidRequest
 from vlmserve.llm_serving.engine import OutputCallback
-from vlmserve.llm_serving.request import VLLM_ONLY_SAMPLING, GenerationRequest, TokenChunk, TokenLogprobs, check_media
+from vlmserve.llm_serving.request import GenerationRequest, TokenChunk, TokenLogprobs, check_media
 
+_CHECKED = {field.name for field in dataclasses.fields(CheckedSampling)}
 # Always on: embeddings instead of pixels as input, and the per-step stats our metrics are made of.
 _ENGINE_DEFAULTS = {"enable_mm_embeds": True, "disable_log_stats": False}
 
@@ -52,14 +53,14 @@ def vllm_sampling(fields: dict):
     from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
     fields = dict(fields)
-    extensions = {name: fields.pop(name) for name in (*VLLM_ONLY_SAMPLING, "ignore_eos") if name in fields}
     try:
-        CheckedSampling(**fields)
-        if extensions.get("structured_outputs") is not None:
-            extensions["structured_outputs"] = StructuredOutputsParams(**extensions["structured_outputs"])
+        # The options both engines have are checked by the same rules.
+        CheckedSampling(**{name: value for name, value in fields.items() if name in _CHECKED})
+        if fields.get("structured_outputs") is not None:
+            fields["structured_outputs"] = StructuredOutputsParams(**fields["structured_outputs"])
         # Text is made (and stop strings are matched) in the vlm model; deltas let vLLM merge tokens that
         # are ready together into one output.
-        return SamplingParams(**fields, **extensions, detokenize=False, output_kind=RequestOutputKind.DELTA)
+        return SamplingParams(**fields, detokenize=False, output_kind=RequestOutputKind.DELTA)
     except (ValueError, TypeError, VLLMClientError) as exc:
         raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlmserve.contracts import LLM
 from vlmserve.errors import InvalidRequest
 from vlmserve.llm_serving.engine_config import EngineConfig
 from vlmserve.llm_serving.request import GenerationRequest, TokenChunk, split_media
@@ -99,15 +100,15 @@ class TritonStream:
             self.sender.send(pb_utils.InferenceResponse(error=triton_error(chunk.error)), flags=FINAL)
             return
         tensors = [
-            pb_utils.Tensor("TOKEN_IDS", np.asarray(chunk.token_ids, dtype=np.int64)),
-            pb_utils.Tensor("FINISH_REASON", np.asarray([chunk.finish_reason or ""], dtype=np.object_)),
+            pb_utils.Tensor(LLM.TOKEN_IDS.name, np.asarray(chunk.token_ids, dtype=np.int64)),
+            pb_utils.Tensor(LLM.FINISH_REASON.name, np.asarray([chunk.finish_reason or ""], dtype=np.object_)),
         ]
         if chunk.logprobs is not None:
-            tensors += [pb_utils.Tensor("LOGPROBS", chunk.logprobs.logprobs.astype(np.float32)),
-                        pb_utils.Tensor("TOP_LOGPROB_IDS", chunk.logprobs.top_ids.astype(np.int64)),
-                        pb_utils.Tensor("TOP_LOGPROBS", chunk.logprobs.top_logprobs.astype(np.float32))]
+            tensors += [pb_utils.Tensor(LLM.LOGPROBS.name, chunk.logprobs.logprobs.astype(np.float32)),
+                        pb_utils.Tensor(LLM.TOP_LOGPROB_IDS.name, chunk.logprobs.top_ids.astype(np.int64)),
+                        pb_utils.Tensor(LLM.TOP_LOGPROBS.name, chunk.logprobs.top_logprobs.astype(np.float32))]
         if chunk.cached_tokens is not None:
-            tensors.append(pb_utils.Tensor("CACHED_TOKENS", np.asarray([chunk.cached_tokens], dtype=np.int32)))
+            tensors.append(pb_utils.Tensor(LLM.CACHED_TOKENS.name, np.asarray([chunk.cached_tokens], dtype=np.int32)))
         self.sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if chunk.finished else 0)
 
     def close(self) -> None:
@@ -138,8 +139,8 @@ class TritonPythonModel:
         return None
 
     def _handle(self, request, sender) -> None:
-        request_id = required_input(request, "REQUEST_ID").reshape(-1)[0].decode()
-        abort = optional_input(request, "ABORT")
+        request_id = required_input(request, LLM.REQUEST_ID.name).reshape(-1)[0].decode()
+        abort = optional_input(request, LLM.ABORT.name)
         if abort is not None and bool(abort.reshape(-1)[0]):
             self.server.abort(request_id)
             sender.send(flags=FINAL)
@@ -148,20 +149,20 @@ class TritonPythonModel:
 
     def _parse(self, request, request_id: str) -> GenerationRequest:
         try:
-            sampling = json.loads(required_input(request, "SAMPLING").reshape(-1)[0])
+            sampling = json.loads(required_input(request, LLM.SAMPLING.name).reshape(-1)[0])
         except ValueError as exc:
             raise InvalidRequest(f"bad sampling parameters: {exc}") from exc
         if not isinstance(sampling, dict):
             raise InvalidRequest("SAMPLING must be a JSON object")
-        input_ids = required_input(request, "INPUT_IDS").astype(np.int64).reshape(-1)
-        keys = optional_input(request, "MEDIA_KEYS")
-        media = split_media(input_ids, optional_input(request, "MEDIA_EMBEDS"),
+        input_ids = required_input(request, LLM.INPUT_IDS.name).astype(np.int64).reshape(-1)
+        keys = optional_input(request, LLM.MEDIA_KEYS.name)
+        media = split_media(input_ids, optional_input(request, LLM.MEDIA_EMBEDS.name),
                             [] if keys is None else [key.decode() for key in keys.reshape(-1)],
-                            optional_input(request, "MEDIA_GRID_THW"), self.server.engine.media_token_ids)
+                            optional_input(request, LLM.MEDIA_GRID_THW.name), self.server.engine.media_token_ids)
         return GenerationRequest(
             request_id=request_id, input_ids=input_ids,
-            position_ids=required_input(request, "POSITION_IDS").astype(np.int64),
-            rope_delta=int(required_input(request, "ROPE_DELTA").reshape(-1)[0]),
+            position_ids=required_input(request, LLM.POSITION_IDS.name).astype(np.int64),
+            rope_delta=int(required_input(request, LLM.ROPE_DELTA.name).reshape(-1)[0]),
             sampling=sampling, media=media)
 
     def _publish_loop(self) -> None:

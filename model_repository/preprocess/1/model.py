@@ -11,8 +11,8 @@ segments and rotary positions are built there.
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlmserve.contracts import PREPROCESS
 from vlmserve.media import decode_image, decode_video
-from vlmserve.media_settings import OPTION_INPUTS
 from vlmserve.preprocessing import VideoPixelLimits, VisionPreprocessor
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
 
@@ -36,10 +36,10 @@ class TritonPythonModel:
         return responses
 
     def _run(self, request) -> list:
-        data = required_input(request, "MEDIA").reshape(-1)[0]
-        part = {"type": required_input(request, "KIND").reshape(-1)[0].decode()}
-        for name, tensor in OPTION_INPUTS.items():
-            value = optional_input(request, tensor)
+        data = required_input(request, PREPROCESS.MEDIA.name).reshape(-1)[0]
+        part = {"type": required_input(request, PREPROCESS.KIND.name).reshape(-1)[0].decode()}
+        for name, spec in PREPROCESS.OPTIONS.items():
+            value = optional_input(request, spec.name)
             if value is not None:
                 part[name] = value.reshape(-1)[0].item()
         s = self.settings
@@ -53,6 +53,6 @@ class TritonPythonModel:
                                  max_frame_pixels=s.max_image_pixels, max_video_pixels=s.max_video_pixels)
             pixels, grid = self.preprocessor.video(video.frames)
         return [
-            pb_utils.Tensor("PIXEL_VALUES", np.ascontiguousarray(pixels, dtype=np.float32)),
-            pb_utils.Tensor("GRID_THW", np.asarray(grid, dtype=np.int64)),
+            pb_utils.Tensor(PREPROCESS.PIXEL_VALUES.name, np.ascontiguousarray(pixels, dtype=np.float32)),
+            pb_utils.Tensor(PREPROCESS.GRID_THW.name, np.asarray(grid, dtype=np.int64)),
         ]

@@ -6,10 +6,9 @@ Same inputs and outputs as the TensorRT plan the GPU target serves under this na
 
 import triton_python_backend_utils as pb_utils
 
+from vlmserve.contracts import VIT
 from vlmserve.triton_utils import model_parameters, required_input, triton_error
 from vlmserve.vision_encoder import OnnxVisionEncoder
-
-INPUTS = ("pixel_values", "position_ids", "segment_ids")
 
 
 class TritonPythonModel:
@@ -22,8 +21,8 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                embeds = self.encoder.run({name: required_input(request, name) for name in INPUTS})
-                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor("image_embeds", embeds)]))
+                embeds = self.encoder.run({spec.name: required_input(request, spec.name) for spec in VIT.inputs})
+                responses.append(pb_utils.InferenceResponse([pb_utils.Tensor(VIT.IMAGE_EMBEDS.name, embeds)]))
             except Exception as exc:
                 responses.append(pb_utils.InferenceResponse(error=triton_error(exc)))
         return responses

@@ -5,14 +5,14 @@ inside `vlm` would exist once per process and miss what the other instances enco
 has exactly one instance (the generator writes `count: 1`), so every `vlm` instance reaches the
 same entries through BLS calls; execute runs one request at a time, so the cache needs no lock.
 
-KEY alone is a lookup: FOUND, and EMBEDS / GRID_THW when found (empty otherwise).
-KEY with EMBEDS and GRID_THW is a store: FOUND says whether it was kept (False: larger than the budget).
+A request is a lookup or a store: see vlmserve.contracts.VIT_CACHE.
 Counters are Triton custom metrics on /metrics (vlm_vit_cache_*).
 """
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from vlmserve.contracts import VIT_CACHE
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
 from vlmserve.vit_cache import CacheStats, EmbeddingCache
 
@@ -64,15 +64,16 @@ class TritonPythonModel:
         return responses
 
     def _run(self, request) -> list:
-        key = required_input(request, "KEY").reshape(-1)[0].decode()
-        embeds = optional_input(request, "EMBEDS")
+        key = required_input(request, VIT_CACHE.KEY.name).reshape(-1)[0].decode()
+        embeds = optional_input(request, VIT_CACHE.EMBEDS.name)
         if embeds is not None:
-            stored = self.cache.put(key, embeds, required_input(request, "GRID_THW"))
-            return [pb_utils.Tensor("FOUND", np.asarray([stored]))]
+            stored = self.cache.put(key, embeds, required_input(request, VIT_CACHE.GRID_THW.name))
+            return [pb_utils.Tensor(VIT_CACHE.FOUND.name, np.asarray([stored]))]
         entry = self.cache.get(key)
         if entry is None:
-            return [pb_utils.Tensor("FOUND", np.asarray([False])),
-                    pb_utils.Tensor("EMBEDS", np.zeros((0, 0), np.float32)),
-                    pb_utils.Tensor("GRID_THW", np.zeros(3, np.int64))]
-        return [pb_utils.Tensor("FOUND", np.asarray([True])), pb_utils.Tensor("EMBEDS", entry.embeds),
-                pb_utils.Tensor("GRID_THW", entry.grid_thw)]
+            return [pb_utils.Tensor(VIT_CACHE.FOUND.name, np.asarray([False])),
+                    pb_utils.Tensor(VIT_CACHE.EMBEDS.name, np.zeros((0, 0), np.float32)),
+                    pb_utils.Tensor(VIT_CACHE.GRID_THW.name, np.zeros(3, np.int64))]
+        return [pb_utils.Tensor(VIT_CACHE.FOUND.name, np.asarray([True])),
+                pb_utils.Tensor(VIT_CACHE.EMBEDS.name, entry.embeds),
+                pb_utils.Tensor(VIT_CACHE.GRID_THW.name, entry.grid_thw)]

@@ -15,30 +15,28 @@ import triton_python_backend_utils as pb_utils
 from transformers import AutoConfig, AutoTokenizer
 
 from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenBytes
-from vlmserve.errors import INVALID_REQUEST_PREFIX, InvalidRequest
-from vlmserve.llm_serving.request import SAMPLING_FIELDS
+from vlmserve.contracts import LLM, VLM, raise_for_error
+from vlmserve.errors import InvalidRequest
 from vlmserve.media_encoder import Encoded, MediaEncoder
 from vlmserve.mrope import mrope_positions
-from vlmserve.prompt import PromptBuilder, check_context, media_parts, validate_messages
+from vlmserve.prompt import PromptBuilder, media_parts, validate_messages
+from vlmserve.sampling_options import (
+    DEFAULT_MAX_TOKENS,
+    check_options,
+    checkpoint_defaults,
+    engine_options,
+    max_tokens_for,
+)
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
-DEFAULT_MAX_TOKENS = 256
-LLM_OUTPUTS = ["TOKEN_IDS", "FINISH_REASON", "LOGPROBS", "TOP_LOGPROB_IDS", "TOP_LOGPROBS", "CACHED_TOKENS"]
+LLM_OUTPUTS = [spec.name for spec in LLM.outputs]
 # JSON has no -inf; OpenAI-compatible servers (vLLM) send this instead.
 MIN_LOGPROB = -9999.0
 
 
 def _tensor(name: str, value, dtype):
     return pb_utils.Tensor(name, np.asarray([value], dtype=dtype))
-
-
-def _raise_if_error(response) -> None:
-    if response.has_error():
-        message = response.error().message()
-        if INVALID_REQUEST_PREFIX in message:
-            raise InvalidRequest(message.split(INVALID_REQUEST_PREFIX, 1)[1])
-        raise RuntimeError(message)
 
 
 def _close(sender) -> None:
@@ -62,6 +60,9 @@ class TritonPythonModel:
         text_config = getattr(self.config, "text_config", self.config)
         self.max_model_len = int(params.get("max_model_len", text_config.max_position_embeddings))
         self.max_media = int(params.get("max_media_per_request", "16"))
+        # The server's sampling defaults: the checkpoint's generation config over ours, as vLLM's server does.
+        self.sampling_defaults = checkpoint_defaults(checkpoint)
+        self.default_max_tokens = self.sampling_defaults.pop("max_tokens", DEFAULT_MAX_TOKENS)
         self.media = MediaEncoder.from_parameters(params, checkpoint)
         # Decoupled BLS streams are read with blocking next(); these threads keep the event loop free.
         self.stream_readers = ThreadPoolExecutor(max_workers=int(params.get("max_concurrent_streams", "256")))
@@ -82,34 +83,37 @@ class TritonPythonModel:
 
     async def _generate(self, request, sender) -> None:
         try:
-            body = json.loads(required_input(request, "REQUEST").reshape(-1)[0])
+            body = json.loads(required_input(request, VLM.REQUEST.name).reshape(-1)[0])
         except json.JSONDecodeError as exc:
             raise InvalidRequest(f"REQUEST is not valid JSON: {exc}") from exc
         if not isinstance(body, dict):
             raise InvalidRequest("REQUEST must be a JSON object")
-        sampling = dict(body.get("sampling") or {})
-        media = optional_input(request, "MEDIA")
+        sampling = check_options(body.get("sampling") or {})
+        media = optional_input(request, VLM.MEDIA.name)
         media = [] if media is None else list(media.reshape(-1))
-        max_tokens = int(sampling.get("max_tokens") or DEFAULT_MAX_TOKENS)
+        requested = sampling.get("max_tokens")
         if "prompt" in body:  # a plain-text prompt (text completions) instead of chat messages
             if media or "messages" in body:
                 raise InvalidRequest("a request with a prompt takes neither messages nor media")
             input_ids, grids, encoded = self.prompts.raw(body["prompt"]), [], []
-            check_context(len(input_ids), max_tokens, self.max_model_len)
+            max_tokens = self._max_tokens(requested, len(input_ids))
         else:
-            input_ids, grids, encoded = await self._chat_prompt(body.get("messages"), media, max_tokens)
+            input_ids, grids, encoded, max_tokens = await self._chat_prompt(body.get("messages"), media, requested)
         image_grids = [g for kind, g in grids if kind == "image"]
         video_grids = [g for kind, g in grids if kind == "video"]
         position_ids, rope_delta = mrope_positions(
             input_ids, np.stack(image_grids) if image_grids else None, np.stack(video_grids) if video_grids else None,
             self.config)
-        llm_sampling = {k: sampling[k] for k in SAMPLING_FIELDS if sampling.get(k) is not None}
-        llm_sampling["max_tokens"] = max_tokens
+        llm_sampling = {**self.sampling_defaults, **engine_options(sampling), "max_tokens": max_tokens}
         await self._stream(sender, input_ids, position_ids, rope_delta, encoded, llm_sampling,
                            stop=sampling.get("stop") or [])
 
-    async def _chat_prompt(self, messages, media: list, max_tokens: int) -> tuple[np.ndarray, list, list[Encoded]]:
-        """Prompt ids of chat messages, with (kind, grid) and the encoding of each medium."""
+    def _max_tokens(self, requested: int | None, prompt_tokens: int) -> int:
+        return max_tokens_for(requested, prompt_tokens, self.max_model_len, self.default_max_tokens)
+
+    async def _chat_prompt(self, messages, media: list, requested: int | None
+                           ) -> tuple[np.ndarray, list, list[Encoded], int]:
+        """Prompt ids of chat messages, with (kind, grid) and the encoding of each medium, and max_tokens."""
         messages = validate_messages(messages)
         parts = media_parts(messages)
         if len(parts) != len(media):
@@ -117,34 +121,35 @@ class TritonPythonModel:
         if len(media) > self.max_media:
             raise InvalidRequest(f"at most {self.max_media} images/videos per request, got {len(media)}")
         kinds = [part["type"] for part in parts]
-        prompt: list[np.ndarray] = []  # the prompt admission built: the grids the ViT encodes fix it
+        admitted: list = []  # the prompt and max_tokens admission settled: the grids the ViT encodes fix them
 
         def admit(grids: list[np.ndarray]) -> None:  # the grids fix the prompt length: reject before ViT work
-            prompt[:] = [self.prompts.build(messages, list(zip(kinds, grids)))]
-            check_context(len(prompt[0]), max_tokens, self.max_model_len)
+            prompt = self.prompts.build(messages, list(zip(kinds, grids)))
+            admitted[:] = [prompt, self._max_tokens(requested, len(prompt))]
 
         # Deduplicated, cached and batched by vlmserve.media_encoder; it calls admit before any ViT work.
         encoded = await self.media.encode(parts, media, admit)
-        return prompt[0], [(part["type"], e.grid_thw) for part, e in zip(parts, encoded)], encoded
+        prompt, max_tokens = admitted
+        return prompt, [(part["type"], e.grid_thw) for part, e in zip(parts, encoded)], encoded, max_tokens
 
     async def _stream(self, sender, input_ids, position_ids, rope_delta, encoded: list[Encoded], sampling,
                       stop) -> None:
         request_id = uuid.uuid4().hex
         inputs = [
-            pb_utils.Tensor("REQUEST_ID", np.asarray([request_id], dtype=np.object_)),
-            pb_utils.Tensor("INPUT_IDS", input_ids),
-            pb_utils.Tensor("POSITION_IDS", position_ids.astype(np.int64)),
-            _tensor("ROPE_DELTA", rope_delta, np.int64),
-            pb_utils.Tensor("SAMPLING", np.asarray([json.dumps(sampling)], dtype=np.object_)),
+            pb_utils.Tensor(LLM.REQUEST_ID.name, np.asarray([request_id], dtype=np.object_)),
+            pb_utils.Tensor(LLM.INPUT_IDS.name, input_ids),
+            pb_utils.Tensor(LLM.POSITION_IDS.name, position_ids.astype(np.int64)),
+            _tensor(LLM.ROPE_DELTA.name, rope_delta, np.int64),
+            pb_utils.Tensor(LLM.SAMPLING.name, np.asarray([json.dumps(sampling)], dtype=np.object_)),
         ]
         if encoded:
-            inputs.append(pb_utils.Tensor("MEDIA_EMBEDS", np.concatenate([e.embeds for e in encoded])))
-            # The media's content keys let the llm's prefix cache match them without hashing embeddings.
-            inputs.append(pb_utils.Tensor("MEDIA_KEYS", np.asarray([e.key.encode() for e in encoded],
-                                                                   dtype=np.object_)))
-            inputs.append(pb_utils.Tensor("MEDIA_GRID_THW", np.stack([e.grid_thw for e in encoded]).astype(np.int64)))
+            inputs += [
+                pb_utils.Tensor(LLM.MEDIA_EMBEDS.name, np.concatenate([e.embeds for e in encoded])),
+                pb_utils.Tensor(LLM.MEDIA_KEYS.name, np.asarray([e.key.encode() for e in encoded], dtype=np.object_)),
+                pb_utils.Tensor(LLM.MEDIA_GRID_THW.name, np.stack([e.grid_thw for e in encoded]).astype(np.int64)),
+            ]
         responses = await pb_utils.InferenceRequest(
-            model_name="llm", inputs=inputs, requested_output_names=LLM_OUTPUTS
+            model_name=LLM.NAME, inputs=inputs, requested_output_names=LLM_OUTPUTS
         ).async_exec(decoupled=True)
         detok = IncrementalDetokenizer(self.tokenizer)
         stops = StopStringMatcher(stop if isinstance(stop, list) else [stop])
@@ -157,18 +162,18 @@ class TritonPythonModel:
                 response = await loop.run_in_executor(self.stream_readers, next, responses, None)
                 if response is None:
                     break
-                _raise_if_error(response)
-                ids = pb_utils.get_output_tensor_by_name(response, "TOKEN_IDS")
+                raise_for_error(response, LLM.NAME)
+                ids = pb_utils.get_output_tensor_by_name(response, LLM.TOKEN_IDS.name)
                 if ids is None:  # the empty final response
                     continue
                 ids = ids.as_numpy().reshape(-1).tolist()
                 usage["completion_tokens"] += len(ids)
-                cached = pb_utils.get_output_tensor_by_name(response, "CACHED_TOKENS")
+                cached = pb_utils.get_output_tensor_by_name(response, LLM.CACHED_TOKENS.name)
                 if cached is not None:
                     usage["cached_tokens"] = int(cached.as_numpy()[0])
                 if logprobs is not None:
                     logprobs += self._logprob_entries(ids, response)
-                llm_finish = pb_utils.get_output_tensor_by_name(response, "FINISH_REASON").as_numpy()[0].decode()
+                llm_finish = pb_utils.get_output_tensor_by_name(response, LLM.FINISH_REASON.name).as_numpy()[0].decode()
                 text = stops.feed(detok.add(ids))
                 if (text or logprobs) and not (llm_finish or stops.stopped):
                     self._send(sender, text, "", usage, logprobs)
@@ -189,7 +194,8 @@ class TritonPythonModel:
         def tensor(name):
             return pb_utils.get_output_tensor_by_name(response, name).as_numpy()
 
-        values, top_ids, top_values = tensor("LOGPROBS"), tensor("TOP_LOGPROB_IDS"), tensor("TOP_LOGPROBS")
+        values = tensor(LLM.LOGPROBS.name)
+        top_ids, top_values = tensor(LLM.TOP_LOGPROB_IDS.name), tensor(LLM.TOP_LOGPROBS.name)
 
         def entry(token_id: int, logprob: float) -> dict | None:
             data = self.token_bytes(token_id)
@@ -209,21 +215,21 @@ class TritonPythonModel:
     def _send(self, sender, text: str, finish_reason: str, usage: dict, logprobs: list | None,
               final: bool = False) -> None:
         tensors = [
-            pb_utils.Tensor("TEXT", np.asarray([text.encode()], dtype=np.object_)),
-            pb_utils.Tensor("FINISH_REASON", np.asarray([finish_reason], dtype=np.object_)),
-            _tensor("PROMPT_TOKENS", usage["prompt_tokens"], np.int32),
-            _tensor("COMPLETION_TOKENS", usage["completion_tokens"], np.int32),
-            _tensor("CACHED_TOKENS", usage["cached_tokens"], np.int32),
+            pb_utils.Tensor(VLM.TEXT.name, np.asarray([text.encode()], dtype=np.object_)),
+            pb_utils.Tensor(VLM.FINISH_REASON.name, np.asarray([finish_reason], dtype=np.object_)),
+            _tensor(VLM.PROMPT_TOKENS.name, usage["prompt_tokens"], np.int32),
+            _tensor(VLM.COMPLETION_TOKENS.name, usage["completion_tokens"], np.int32),
+            _tensor(VLM.CACHED_TOKENS.name, usage["cached_tokens"], np.int32),
         ]
         if logprobs is not None:
-            tensors.append(pb_utils.Tensor("LOGPROBS", np.asarray([json.dumps(logprobs).encode()], dtype=np.object_)))
+            tensors.append(_tensor(VLM.LOGPROBS.name, json.dumps(logprobs).encode(), np.object_))
         sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
 
     async def _abort(self, request_id: str) -> None:
         responses = await pb_utils.InferenceRequest(
-            model_name="llm", requested_output_names=[],
-            inputs=[pb_utils.Tensor("REQUEST_ID", np.asarray([request_id], dtype=np.object_)),
-                    pb_utils.Tensor("ABORT", np.asarray([True]))]).async_exec(decoupled=True)
+            model_name=LLM.NAME, requested_output_names=[],
+            inputs=[pb_utils.Tensor(LLM.REQUEST_ID.name, np.asarray([request_id], dtype=np.object_)),
+                    pb_utils.Tensor(LLM.ABORT.name, np.asarray([True]))]).async_exec(decoupled=True)
         await asyncio.get_running_loop().run_in_executor(self.stream_readers, list, responses)
 
     def finalize(self):

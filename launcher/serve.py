@@ -1,8 +1,8 @@
 """Start the whole stack on this machine: tritonserver with our repository plus the OpenAI proxy.
 
-    python -m vlmserve.serve                       # builds and serves the small test checkpoint
-    python -m vlmserve.serve --checkpoint /models/Qwen2-VL-2B-Instruct
-    python -m vlmserve.serve --api-key SECRET      # options it does not know go to `python -m openai_proxy`
+    python -m launcher.serve                       # builds and serves the small test checkpoint
+    python -m launcher.serve --checkpoint /models/Qwen2-VL-2B-Instruct
+    python -m launcher.serve --api-key SECRET      # options it does not know go to `python -m openai_proxy`
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from export.tiny_model import build_tiny_checkpoint
-from vlmserve.deployment import TRITON_STOP_S, Stack, prepare_cpu_repository
+from launcher.deployment import TRITON_STOP_S, Stack, prepare_cpu_repository
 from vlmserve.llm_serving.engine_config import ENGINES
-from vlmserve.triton_server import REPO_ROOT, TritonPorts
+from launcher.triton_server import REPO_ROOT, TritonPorts
 
 DEFAULT_WORKDIR = REPO_ROOT / "build"
 STOP_MARGIN_S = 1 + TRITON_STOP_S + 1  # proxy exit, tritonserver exit, killing what is left

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from export.generate_repository import RepositoryOptions, generate_repository
 from export.vision_onnx import export_vision_onnx
-from vlmserve.lifecycle import Deployment
-from vlmserve.processes import listening_socket, open_log, stop_process, wait_healthy
-from vlmserve.supervisor import Supervisor
-from vlmserve.triton_server import REPO_ROOT, ServerExited, TritonPorts, TritonServer, triton_environment
+from launcher.lifecycle import Deployment
+from launcher.processes import listening_socket, open_log, stop_process, wait_healthy
+from launcher.supervisor import Supervisor
+from launcher.triton_server import REPO_ROOT, ServerExited, TritonPorts, TritonServer, triton_environment
 
 logger = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ import logging
 import threading
 from collections.abc import Callable
 
-from vlmserve.triton_server import StubInstance, TritonServer
+from launcher.triton_server import StubInstance, TritonServer
 
 logger = logging.getLogger(__name__)
 

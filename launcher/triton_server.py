@@ -20,8 +20,8 @@ from pathlib import Path
 import httpx
 import tritonclient.grpc as grpcclient
 
-from vlmserve.lifecycle import Deployment, kill_and_wait, parent_pids
-from vlmserve.processes import free_ports, open_log
+from launcher.lifecycle import Deployment, kill_and_wait, parent_pids
+from launcher.processes import free_ports, open_log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
