@@ -165,8 +165,8 @@ def test_min_tokens_and_ignore_eos(client):
     assert at_least.usage.completion_tokens >= 30
 
 
-def two_image_turns(client: openai.OpenAI, media_server) -> tuple[int, int]:
-    """cached_tokens of the first and the second turn of a chat about two images."""
+def two_image_turns(client: openai.OpenAI, media_server) -> tuple[int, int, int]:
+    """cached_tokens of the first and the second turn of a chat about two images, and the first's prompt tokens."""
     urls = [media_server.add(f"cache-{i}.png", png_bytes(280, 280, seed=40 + i)) for i in range(2)]
     user = {"role": "user", "content": [{"type": "text", "text": "Compare these."},
                                         *({"type": "image_url", "image_url": {"url": url}} for url in urls)]}
@@ -174,20 +174,24 @@ def two_image_turns(client: openai.OpenAI, media_server) -> tuple[int, int]:
     history = [user, {"role": "assistant", "content": first.choices[0].message.content},
                {"role": "user", "content": "Which one is brighter?"}]
     second = client.chat.completions.create(model=MODEL, messages=history, max_tokens=8, temperature=0)
-    return first.usage.prompt_tokens_details.cached_tokens, second.usage.prompt_tokens_details.cached_tokens
+    return (first.usage.prompt_tokens_details.cached_tokens, second.usage.prompt_tokens_details.cached_tokens,
+            first.usage.prompt_tokens)
 
 
 @pytest.mark.parametrize("engine", ["vllm", "native"])
 def test_the_second_turn_of_a_two_image_chat_reports_cached_tokens(request, engine, media_server):
     stack = request.getfixturevalue(f"{engine}_stack")
-    first, second = two_image_turns(openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused"), media_server)
-    assert first == 0 and second > 0
+    first, second, first_prompt = two_image_turns(openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused"),
+                                                  media_server)
+    # The first turn may find the chat template's opening in the cache (the native engine's blocks are 16
+    # tokens, vLLM's 128 here); the second finds most of the first turn, images included.
+    assert first < first_prompt // 2 <= second
 
 
 def test_no_cached_tokens_with_the_prefix_cache_off(tiny_checkpoint, tmp_path, media_server):
     with running_stack(tiny_checkpoint, tmp_path, "native", enable_prefix_caching=False) as stack:
         client = openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused")
-        assert two_image_turns(client, media_server) == (0, 0)
+        assert two_image_turns(client, media_server)[:2] == (0, 0)
 
 
 @pytest.mark.parametrize("extra", [
