@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from export.trt_progress import PhaseLog, progress_monitor
-from vlmserve.media_settings import capped_max_pixels
+from vlmserve.media.settings import MediaSettings
 
 PRECISIONS = ("fp16", "bf16", "fp32")
 
@@ -48,17 +48,12 @@ class ProcessorLimits:
 
     @classmethod
     def from_checkpoint(cls, checkpoint_dir: str | Path) -> ProcessorLimits:
-        """Read ``preprocessor_config.json``; top-level min/max_pixels win over ``size``, as in HF."""
+        """The served image limits (MediaSettings.from_checkpoint) and the checkpoint's patch geometry."""
+        settings = MediaSettings.from_checkpoint(checkpoint_dir)
         config = json.loads((Path(checkpoint_dir) / "preprocessor_config.json").read_text())
-        size = config.get("size") or {}
-        patch_size = config.get("patch_size", cls.patch_size)
-        return cls(
-            min_pixels=config.get("min_pixels") or size.get("shortest_edge") or cls.min_pixels,
-            max_pixels=capped_max_pixels(
-                config.get("max_pixels") or size.get("longest_edge") or cls.max_pixels, patch_size),
-            patch_size=patch_size,
-            merge_size=config.get("merge_size", cls.merge_size),
-        )
+        return cls(min_pixels=settings.min_pixels, max_pixels=settings.max_pixels,
+                   patch_size=config.get("patch_size", cls.patch_size),
+                   merge_size=config.get("merge_size", cls.merge_size))
 
     @property
     def merge_unit(self) -> int:

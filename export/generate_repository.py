@@ -27,8 +27,10 @@ from pathlib import Path
 from export.build_trt_engine import ProcessorLimits, read_profile
 from vlmserve.contracts import LLM, PREPROCESS, VIT, VIT_CACHE, VLM, TensorSpec
 from vlmserve.llm_serving.engine_config import CONFIG_FILE, ENGINES, EngineConfig
-from vlmserve.media_settings import MediaSettings, capped_max_pixels
-from vlmserve.vit_packing import CPU_MAX_PATCHES_PER_CALL, MAX_PATCHES_PER_CALL
+from vlmserve.media.settings import MediaSettings, capped_max_pixels
+from vlmserve.vit.settings import VitCacheSettings, VitRunnerSettings
+from vlmserve.vlm_settings import VlmSettings
+from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL, MAX_PATCHES_PER_CALL
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MEDIA_PARAMETERS = tuple(f.name for f in dataclasses.fields(MediaSettings))
@@ -144,7 +146,7 @@ def _gpu_instances(gpus: list[int], count: int) -> str:
 VIT_BATCHING = """No dynamic_batching: the patch dimension is ragged, and Triton batches ragged inputs of
 a TensorRT plan only as flattened 1-D tensors and scatters outputs only in the shape of an input
 (image_embeds has a quarter of the rows of pixel_values). The vlm model batches instead: it packs all
-media of a request into calls of at most vit_max_patches patches (vlmserve/vit_packing.py);
+media of a request into calls of at most vit_max_patches patches (vlmserve/vit/packing.py);
 a larger medium goes alone. On GPU the engine profile's max covers the largest image."""
 
 
@@ -154,8 +156,9 @@ def vit_config(opts: RepositoryOptions) -> str:
                        comment=VIT_BATCHING)
     threads = opts.vit_cpu_threads or default_vit_cpu_threads(os.cpu_count() or 1, opts.llm_threads,
                                                               opts.vit_cpu_instances)
-    return _config(VIT, 'backend: "python"', _cpu_instances(opts.vit_cpu_instances),
-                   {"onnx_path": Path(opts.vit_onnx).resolve(), "intra_op_threads": threads}, comment=VIT_BATCHING)
+    settings = VitRunnerSettings(onnx_path=str(Path(opts.vit_onnx).resolve()), intra_op_threads=threads)
+    return _config(VIT, 'backend: "python"', _cpu_instances(opts.vit_cpu_instances), settings.parameters(),
+                   comment=VIT_BATCHING)
 
 
 def _media_parameters(opts: RepositoryOptions) -> dict[str, object]:
@@ -172,7 +175,8 @@ def preprocess_config(opts: RepositoryOptions) -> str:
 
 def vit_cache_config(opts: RepositoryOptions) -> str:
     # Exactly one instance: the cache is shared by all vlm instances only if it exists once.
-    return _config(VIT_CACHE, 'backend: "python"', _cpu_instances(1), {"max_bytes": int(opts.vit_cache_mb * 2**20)})
+    settings = VitCacheSettings(max_bytes=int(opts.vit_cache_mb * 2**20))
+    return _config(VIT_CACHE, 'backend: "python"', _cpu_instances(1), settings.parameters())
 
 
 def llm_config(opts: RepositoryOptions) -> str:
@@ -182,11 +186,11 @@ def llm_config(opts: RepositoryOptions) -> str:
 
 
 def vlm_config(opts: RepositoryOptions) -> str:
-    params = {**_media_parameters(opts), "vit_cache": str(opts.vit_cache_mb > 0).lower(),
-              "vit_max_patches": opts.vit_max_patches or default_vit_max_patches(opts.target)}
-    if opts.max_model_len:
-        params["max_model_len"] = opts.max_model_len  # vlm rejects longer prompts before the llm sees them
-    return _config(VLM, 'backend: "python"', _cpu_instances(1), params, decoupled=True)
+    settings = VlmSettings(checkpoint_dir=str(opts.checkpoint.resolve()), max_model_len=opts.max_model_len,
+                           vit_max_patches=opts.vit_max_patches or default_vit_max_patches(opts.target),
+                           vit_cache=opts.vit_cache_mb > 0)
+    return _config(VLM, 'backend: "python"', _cpu_instances(1), {**_media_parameters(opts), **settings.parameters()},
+                   decoupled=True)
 
 
 CONFIGS = {PREPROCESS.NAME: preprocess_config, VIT.NAME: vit_config, VIT_CACHE.NAME: vit_cache_config,
@@ -257,7 +261,7 @@ def main(argv: list[str] | None = None) -> None:
                         f"{MAX_PATCHES_PER_CALL}, at most the engine profile's max; cpu {CPU_MAX_PATCHES_PER_CALL})")
     parser.add_argument("--vit-cache-mb", type=float, default=512.0, help="ViT embedding cache budget; 0: off")
     for name in MEDIA_PARAMETERS:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help="default: vlmserve/media_settings.py")
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help="default: vlmserve/media/settings.py")
     parser.add_argument("--preprocess-instances", type=int, default=2)
     llm = parser.add_argument_group("llm engine (0: the engine's default)")
     llm.add_argument("--llm-engine", choices=ENGINES, default="vllm")

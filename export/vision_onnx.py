@@ -3,7 +3,7 @@
 A plain trace of ``model.model.visual`` bakes the example's ``grid_thw`` into
 the graph (position ids and per-image attention splits are computed in Python).
 ``VisionTowerForExport`` instead takes everything that depends on ``grid_thw``
-as tensor inputs (see ``vlmserve.vision_inputs``) and keeps the frames of a
+as tensor inputs (see ``vlmserve.vit.inputs``) and keeps the frames of a
 call apart by ``segment_ids``, in one of two ways (``--attention``):
 
 - ``segments`` (default, ONNX Runtime): each block runs an ONNX ``Loop`` over
@@ -44,7 +44,7 @@ from transformers.models.qwen2_vl.modeling_qwen2_vl import (
 )
 
 from vlmserve.contracts import VIT
-from vlmserve.vision_inputs import vit_inputs
+from vlmserve.vit.inputs import vit_inputs
 
 # The `vit` model's tensors: Triton binds the TensorRT plan's inputs and output by these names.
 INPUT_NAMES = tuple(spec.name for spec in VIT.inputs)
@@ -85,7 +85,7 @@ def _masked_attention(
 
 
 def segment_bounds(segment_ids: torch.Tensor) -> list[tuple[int, int]]:
-    """(start, stop) rows of each run of equal ids; ``vit_packing`` numbers segments in row order."""
+    """(start, stop) rows of each run of equal ids; ``vlmserve.vit.packing`` numbers segments in row order."""
     starts = (torch.nonzero(segment_ids[1:] != segment_ids[:-1]).flatten() + 1).tolist()
     edges = [0, *starts, segment_ids.shape[0]]
     return list(zip(edges[:-1], edges[1:]))

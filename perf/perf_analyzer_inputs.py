@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from vlmserve.contracts import VLM
-from vlmserve.preprocessing import VisionPreprocessor
-from vlmserve.vision_inputs import vit_inputs
+from vlmserve.media.preprocessing import VisionPreprocessor
+from vlmserve.vit.inputs import vit_inputs
 
 IMAGE_SIZES = ((224, 224), (280, 168), (168, 336))  # width, height: small, so vit.json stays a few MB
 QUESTIONS = ("Describe this image.", "What colors are in the picture?", "How many shapes are there?")

@@ -71,7 +71,7 @@ def test_the_cycle_finder_finds_cycles():
 
 
 # The same word with another meaning: the HF image processor's output key.
-NOT_OUR_TENSORS = {"vlmserve/preprocessing.py": {"pixel_values"}}
+NOT_OUR_TENSORS = {"vlmserve/media/preprocessing.py": {"pixel_values"}}
 
 
 def test_each_inter_model_tensor_and_model_is_named_in_the_contracts_module_only():

@@ -15,6 +15,9 @@ from export.generate_repository import (
 )
 from export.build_trt_engine import write_profile
 from vlmserve.llm_serving.engine_config import EngineConfig
+from vlmserve.media.settings import MediaSettings
+from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL
+from vlmserve.vlm_settings import VlmSettings
 
 
 def fake_plan(checkpoint, max_patches: int = 16384):
@@ -117,6 +120,7 @@ def test_cpu_vit_threads_leave_the_llm_its_cores(tmp_path, monkeypatch):
 
 
 def test_media_settings_and_cache_switch(tmp_path):
+    fake_plan(tmp_path)  # for its preprocessor config
     onnx = tmp_path / "vit.onnx"
     onnx.write_bytes(b"onnx")
     opts = RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", vit_onnx=onnx, vit_cache_mb=0.5,
@@ -131,6 +135,13 @@ def test_media_settings_and_cache_switch(tmp_path):
     assert "instance_group [ { kind: KIND_CPU count: 1 } ]" in cache
     assert f'key: "max_bytes" value: {{ string_value: "{2**19}" }}' in cache
     assert 'key: "vit_cache" value: { string_value: "true" }' in (repo / "vlm" / "config.pbtxt").read_text()
+
+    # What the generator writes, the models read back typed (vlmserve.model_parameters).
+    params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}',
+                             (repo / "vlm" / "config.pbtxt").read_text()))
+    assert VlmSettings.from_parameters(params) == VlmSettings(checkpoint_dir=str(tmp_path.resolve()),
+                                                              vit_max_patches=CPU_MAX_PATCHES_PER_CALL)
+    assert MediaSettings.from_checkpoint(tmp_path).with_parameters(params).max_frames == 64
 
     off = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "off", vit_onnx=onnx,
                                                 vit_cache_mb=0))

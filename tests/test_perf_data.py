@@ -30,7 +30,7 @@ from perf.workloads import (
     draw_workloads,
     sweep_points,
 )
-from vlmserve.media import FPS_MAX_FRAMES, FPS_MIN_FRAMES, sample_indices
+from vlmserve.media.decode import FPS_MAX_FRAMES, FPS_MIN_FRAMES, sample_indices
 
 
 def url(path: str) -> str:

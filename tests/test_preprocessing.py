@@ -22,8 +22,9 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 from vlmserve.errors import InvalidRequest
-from vlmserve.media import MediaError, VideoFrames, decode_image, decode_video
-from vlmserve.preprocessing import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VisionPreprocessor
+from vlmserve.media.decode import MediaError, VideoFrames, decode_image, decode_video
+from vlmserve.media.preprocessing import VisionPreprocessor
+from vlmserve.media.settings import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, MediaSettings, capped_max_pixels
 
 # preprocessor_config.json as Qwen2-VL-2B-Instruct ships it.
 QWEN2_VL_2B_PREPROCESSOR = {
@@ -172,10 +173,14 @@ def test_extreme_aspect_ratio_is_media_error(preprocessor):
 # --- checkpoint configuration --------------------------------------------------------------------
 
 
-def test_from_pretrained_reads_checkpoint(preprocessor):
+def test_from_pretrained_reads_checkpoint(preprocessor, checkpoint_dir):
     assert (preprocessor.patch_size, preprocessor.merge_size, preprocessor.temporal_patch_size) == (14, 2, 2)
-    limits = preprocessor.video_limits
-    assert (limits.min_pixels, limits.max_pixels) == (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+    limits = preprocessor.media_settings()
+    assert (limits.video_min_pixels, limits.video_max_pixels) == (VIDEO_MIN_PIXELS, VIDEO_MAX_PIXELS)
+    # The same limits without the HF processor (what export.build_trt_engine reads).
+    assert MediaSettings.from_checkpoint(checkpoint_dir) == limits
+    hf_size = preprocessor._processor.size  # what the HF processor itself read; served capped for the ViT
+    assert (limits.min_pixels, limits.max_pixels) == (hf_size.shortest_edge, capped_max_pixels(hf_size.longest_edge, 14))
 
 
 def test_from_pretrained_video_config_and_overrides(checkpoint_dir, tmp_path):
@@ -183,12 +188,11 @@ def test_from_pretrained_video_config_and_overrides(checkpoint_dir, tmp_path):
     (tmp_path / "video_preprocessor_config.json").write_text(
         json.dumps({"size": {"shortest_edge": 64 * 28 * 28, "longest_edge": 256 * 28 * 28}})
     )
-    limits = VisionPreprocessor.from_pretrained(tmp_path).video_limits
-    assert (limits.min_pixels, limits.max_pixels) == (64 * 28 * 28, 256 * 28 * 28)
-    limits = VisionPreprocessor.from_pretrained(
-        tmp_path, video_max_pixels=100 * 28 * 28, video_total_pixels=5
-    ).video_limits
-    assert (limits.min_pixels, limits.max_pixels, limits.total_pixels) == (64 * 28 * 28, 100 * 28 * 28, 5)
+    limits = VisionPreprocessor.from_pretrained(tmp_path).media_settings()
+    assert (limits.video_min_pixels, limits.video_max_pixels) == (64 * 28 * 28, 256 * 28 * 28)
+    limits = limits.with_parameters({"video_max_pixels": str(100 * 28 * 28), "video_total_pixels": "5"})
+    assert (limits.video_min_pixels, limits.video_max_pixels, limits.video_total_pixels) == (
+        64 * 28 * 28, 100 * 28 * 28, 5)
 
 
 # --- video decoding ------------------------------------------------------------------------------

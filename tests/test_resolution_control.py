@@ -19,10 +19,10 @@ from openai_proxy.messages import to_hf_messages
 from tests.conftest import running_stack
 from tests.proxy_helpers import user
 from tests.test_end_to_end import mp4_bytes, png_bytes
-from vlmserve import media
+from vlmserve.media import decode as media
 from vlmserve.errors import InvalidRequest
-from vlmserve.media import MediaError, decode_video
-from vlmserve.media_settings import LOW_DETAIL_MAX_PIXELS, MediaSettings, MediumOptions
+from vlmserve.media.decode import MediaError, decode_video
+from vlmserve.media.settings import LOW_DETAIL_MAX_PIXELS, MediaSettings, MediumOptions
 
 MODEL = "tiny-qwen2-vl"
 FACTOR = 28  # the tiny checkpoint's patch size (14) x spatial merge size (2): one LLM token per 28x28 pixels

@@ -17,8 +17,8 @@ from transformers.models.qwen2_vl import modeling_qwen2_vl
 
 from export import build_trt_engine
 from export.vision_onnx import INPUT_NAMES, OUTPUT_NAME, main as export_main
-from vlmserve.vision_encoder import OnnxVisionEncoder
-from vlmserve.vision_inputs import vision_position_ids, vision_segment_ids, vit_inputs
+from vlmserve.vit.runner import OnnxVitRunner
+from vlmserve.vit.inputs import vision_position_ids, vision_segment_ids, vit_inputs
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # Max abs error allowed between onnxruntime and torch on outputs of magnitude ~1 (fp32 both sides).
@@ -100,7 +100,7 @@ def test_onnx_matches_torch_tower(onnx_path: Path, visual: torch.nn.Module, grid
     grid = np.array(grid, dtype=np.int64)
     pixels = _pixels(grid, visual)
     expected = _torch_embeds(visual, pixels, grid)
-    got = OnnxVisionEncoder(onnx_path, intra_op_threads=1).encode(pixels, grid, visual.spatial_merge_size)
+    got = OnnxVitRunner(onnx_path, intra_op_threads=1).encode(pixels, grid, visual.spatial_merge_size)
     tokens = grid.prod(axis=1).sum() // visual.spatial_merge_size**2
     assert got.shape == expected.shape == (tokens, visual.config.hidden_size)
     assert np.abs(expected).max() > 0.1  # outputs are O(1), so ATOL is a tight bound
@@ -125,7 +125,7 @@ def test_attention_is_one_unmasked_multi_head_attention_per_segment(onnx_path: P
 def test_tensorrt_graph_matches_torch_tower(masked_onnx_path: Path, visual: torch.nn.Module, grid: str):
     grid = np.array(GRIDS[grid], dtype=np.int64)
     pixels = _pixels(grid, visual)
-    got = OnnxVisionEncoder(masked_onnx_path, intra_op_threads=1).encode(pixels, grid, visual.spatial_merge_size)
+    got = OnnxVitRunner(masked_onnx_path, intra_op_threads=1).encode(pixels, grid, visual.spatial_merge_size)
     assert np.abs(got - _torch_embeds(visual, pixels, grid)).max() < ATOL
 
 

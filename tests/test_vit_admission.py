@@ -22,8 +22,8 @@ from PIL import Image
 
 from tests.conftest import running_stack
 from tests.test_vit_service import vit_executions
-from vlmserve.preprocessing import VisionPreprocessor
-from vlmserve.vit_packing import CPU_MAX_PATCHES_PER_CALL, vit_memory_bound
+from vlmserve.media.preprocessing import VisionPreprocessor
+from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL, vit_memory_bound
 
 pytestmark = pytest.mark.timeout(600)
 

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from vlmserve.errors import InvalidRequest
-from vlmserve.media_settings import MAX_PATCHES_PER_IMAGE, MediaSettings
-from vlmserve.preprocessing import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, VisionPreprocessor
-from vlmserve.vit_cache import EmbeddingCache
+from vlmserve.media.settings import MAX_PATCHES_PER_IMAGE, MediaSettings
+from vlmserve.media.preprocessing import VisionPreprocessor
+from vlmserve.media.settings import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS
+from vlmserve.vit.cache import EmbeddingCache
 
 GRID = np.array([1, 4, 4])
 

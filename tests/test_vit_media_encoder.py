@@ -1,4 +1,4 @@
-"""The `vlm` model's media path (vlmserve.media_encoder) against in-process stand-ins for its BLS calls.
+"""The `vlm` model's media path (vlmserve.media.encoder) against in-process stand-ins for its BLS calls.
 
 `preprocess`, `vit` and `vit_cache` are replaced by the code they run (decode + processor, the
 exported ONNX tower, EmbeddingCache), so dedupe, joining, the cache switch and error paths are
@@ -21,10 +21,10 @@ from export.vision_onnx import export_vision_onnx
 from tests.test_end_to_end import png_bytes
 from vlmserve.contracts import encode_error
 from vlmserve.errors import InvalidRequest
-from vlmserve.media import decode_image
-from vlmserve.preprocessing import VisionPreprocessor
-from vlmserve.vision_encoder import OnnxVisionEncoder
-from vlmserve.vit_cache import EmbeddingCache
+from vlmserve.media.decode import decode_image
+from vlmserve.media.preprocessing import VisionPreprocessor
+from vlmserve.vit.runner import OnnxVitRunner
+from vlmserve.vit.cache import EmbeddingCache
 
 IMAGE = {"type": "image"}
 
@@ -35,7 +35,7 @@ class FakeModels:
     def __init__(self, checkpoint: Path, onnx_path: Path) -> None:
         self.preprocessor = VisionPreprocessor.from_pretrained(checkpoint)
         self.settings = self.preprocessor.media_settings()
-        self.encoder = OnnxVisionEncoder(onnx_path, 1)
+        self.encoder = OnnxVitRunner(onnx_path, 1)
         self.cache = EmbeddingCache(2**20)
         self.calls: Counter[str] = Counter()
 
@@ -58,7 +58,7 @@ class FakeModels:
 
 
 def fake_pb_utils(models: FakeModels) -> types.ModuleType:
-    """Just the part of triton_python_backend_utils that media_encoder uses."""
+    """Just the part of triton_python_backend_utils that vlmserve.media.encoder uses."""
     pb = types.ModuleType("triton_python_backend_utils")
 
     class Tensor:
@@ -108,9 +108,9 @@ def models(tiny_checkpoint, onnx_path) -> FakeModels:
 @pytest.fixture
 def make_encoder(models, monkeypatch):
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils(models))
-    monkeypatch.delitem(sys.modules, "vlmserve.media_encoder", raising=False)
-    module = importlib.import_module("vlmserve.media_encoder")
-    monkeypatch.delitem(sys.modules, "vlmserve.media_encoder")  # not the real module for other tests
+    monkeypatch.delitem(sys.modules, "vlmserve.media.encoder", raising=False)
+    module = importlib.import_module("vlmserve.media.encoder")
+    monkeypatch.delitem(sys.modules, "vlmserve.media.encoder")  # not the real module for other tests
 
     def make(use_cache: bool):
         return module.MediaEncoder(models.settings, models.preprocessor.merge_size, 4096, use_cache)

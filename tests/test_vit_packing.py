@@ -9,8 +9,8 @@ import pytest
 
 from export.vision_onnx import export_vision_onnx
 from tests.test_vision_onnx import checkpoint  # noqa: F401  (vision weights at a trained scale: see there)
-from vlmserve.vision_encoder import OnnxVisionEncoder
-from vlmserve.vit_packing import pack_vit_calls, split_embeddings
+from vlmserve.vit.runner import OnnxVitRunner
+from vlmserve.vit.packing import pack_vit_calls, split_embeddings
 
 MERGE = 2
 ROW = 3 * 2 * 14 * 14
@@ -21,8 +21,8 @@ ATOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def encoder(checkpoint: Path, tmp_path_factory) -> OnnxVisionEncoder:  # noqa: F811
-    return OnnxVisionEncoder(export_vision_onnx(checkpoint, tmp_path_factory.mktemp("vit") / "vit.onnx"), 1)
+def encoder(checkpoint: Path, tmp_path_factory) -> OnnxVitRunner:  # noqa: F811
+    return OnnxVitRunner(export_vision_onnx(checkpoint, tmp_path_factory.mktemp("vit") / "vit.onnx"), 1)
 
 
 def pixels(grids: list[np.ndarray]) -> list[np.ndarray]:

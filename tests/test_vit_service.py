@@ -18,8 +18,8 @@ import pytest
 import tritonclient.grpc as grpcclient
 
 from tests.test_end_to_end import mp4_bytes, png_bytes
-from vlmserve.preprocessing import VisionPreprocessor
-from vlmserve.vit_packing import MAX_PATCHES_PER_CALL, pack_vit_calls, split_embeddings
+from vlmserve.media.preprocessing import VisionPreprocessor
+from vlmserve.vit.packing import MAX_PATCHES_PER_CALL, pack_vit_calls, split_embeddings
 
 pytestmark = pytest.mark.timeout(300)
 

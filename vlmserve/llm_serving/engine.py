@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from vlmserve.engine.stats import EngineStats
 from vlmserve.llm_serving.request import GenerationRequest, TokenChunk
+
+if TYPE_CHECKING:  # the native engine's package imports torch, which the repository generator does without
+    from vlmserve.engine.stats import EngineStats
 
 OutputCallback = Callable[[TokenChunk], None]
 

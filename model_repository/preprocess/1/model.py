@@ -4,7 +4,7 @@ Decoding runs here, in this model's own instances, so it never competes with the
 blocks the `vlm` event loop. Limits (min/max_pixels, video_min/max/total_pixels, max_frames,
 video_fps, max_image_pixels, max_video_pixels) are model parameters over the checkpoint's values, and
 a request's own options (FPS, MIN_PIXELS, MAX_PIXELS, MAX_FRAMES inputs) are clamped into them; see
-`vlmserve.media_settings`. The `vlm` model packs several media into one `vit` call, so attention
+`vlmserve.media.settings`. The `vlm` model packs several media into one `vit` call, so attention
 segments and rotary positions are built there.
 """
 
@@ -12,8 +12,8 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlmserve.contracts import PREPROCESS
-from vlmserve.media import decode_image, decode_video
-from vlmserve.preprocessing import VideoPixelLimits, VisionPreprocessor
+from vlmserve.media.decode import decode_image, decode_video
+from vlmserve.media.preprocessing import VisionPreprocessor
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
 
 
@@ -22,9 +22,7 @@ class TritonPythonModel:
         params = model_parameters(args)
         preprocessor = VisionPreprocessor.from_pretrained(params["checkpoint_dir"])
         self.settings = preprocessor.media_settings().with_parameters(params)
-        s = self.settings
-        self.preprocessor = preprocessor.with_video_limits(
-            VideoPixelLimits(s.video_min_pixels, s.video_max_pixels, s.video_total_pixels))
+        self.preprocessor = preprocessor.with_settings(self.settings)
 
     def execute(self, requests):
         responses = []

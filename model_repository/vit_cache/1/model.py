@@ -14,7 +14,8 @@ import triton_python_backend_utils as pb_utils
 
 from vlmserve.contracts import VIT_CACHE
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
-from vlmserve.vit_cache import CacheStats, EmbeddingCache
+from vlmserve.vit.cache import CacheStats, EmbeddingCache
+from vlmserve.vit.settings import VitCacheSettings
 
 
 class CacheMetrics:
@@ -49,8 +50,7 @@ class CacheMetrics:
 
 class TritonPythonModel:
     def initialize(self, args):
-        params = model_parameters(args)
-        self.cache = EmbeddingCache(int(params["max_bytes"]))
+        self.cache = EmbeddingCache(VitCacheSettings.from_parameters(model_parameters(args)).max_bytes)
         self.metrics = CacheMetrics()
 
     def execute(self, requests):

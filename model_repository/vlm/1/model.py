@@ -14,10 +14,10 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 from transformers import AutoConfig, AutoTokenizer
 
-from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenBytes
 from vlmserve.contracts import LLM, VLM, raise_for_error
+from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenBytes
 from vlmserve.errors import InvalidRequest
-from vlmserve.media_encoder import Encoded, MediaEncoder
+from vlmserve.media.encoder import Encoded, MediaEncoder
 from vlmserve.mrope import mrope_positions
 from vlmserve.prompt import PromptBuilder, media_parts, validate_messages
 from vlmserve.sampling_options import (
@@ -28,6 +28,7 @@ from vlmserve.sampling_options import (
     max_tokens_for,
 )
 from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
+from vlmserve.vlm_settings import VlmSettings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 LLM_OUTPUTS = [spec.name for spec in LLM.outputs]
@@ -50,7 +51,8 @@ def _close(sender) -> None:
 class TritonPythonModel:
     def initialize(self, args):
         params = model_parameters(args)
-        checkpoint = params["checkpoint_dir"]
+        settings = VlmSettings.from_parameters(params)
+        checkpoint = settings.checkpoint_dir
         self.config = AutoConfig.from_pretrained(checkpoint)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.tokenizer = tokenizer
@@ -58,14 +60,14 @@ class TritonPythonModel:
         self.prompts = PromptBuilder(tokenizer, self.config.image_token_id, self.config.video_token_id,
                                      self.config.vision_config.spatial_merge_size)
         text_config = getattr(self.config, "text_config", self.config)
-        self.max_model_len = int(params.get("max_model_len", text_config.max_position_embeddings))
-        self.max_media = int(params.get("max_media_per_request", "16"))
+        self.max_model_len = settings.max_model_len or text_config.max_position_embeddings
+        self.max_media = settings.max_media_per_request
         # The server's sampling defaults: the checkpoint's generation config over ours, as vLLM's server does.
         self.sampling_defaults = checkpoint_defaults(checkpoint)
         self.default_max_tokens = self.sampling_defaults.pop("max_tokens", DEFAULT_MAX_TOKENS)
-        self.media = MediaEncoder.from_parameters(params, checkpoint)
+        self.media = MediaEncoder.from_settings(settings, params)
         # Decoupled BLS streams are read with blocking next(); these threads keep the event loop free.
-        self.stream_readers = ThreadPoolExecutor(max_workers=int(params.get("max_concurrent_streams", "256")))
+        self.stream_readers = ThreadPoolExecutor(max_workers=settings.max_concurrent_streams)
 
     async def execute(self, requests):
         await asyncio.gather(*(self._handle(request) for request in requests))
@@ -127,7 +129,7 @@ class TritonPythonModel:
             prompt = self.prompts.build(messages, list(zip(kinds, grids)))
             admitted[:] = [prompt, self._max_tokens(requested, len(prompt))]
 
-        # Deduplicated, cached and batched by vlmserve.media_encoder; it calls admit before any ViT work.
+        # Deduplicated, cached and batched by vlmserve.media.encoder; it calls admit before any ViT work.
         encoded = await self.media.encode(parts, media, admit)
         prompt, max_tokens = admitted
         return prompt, [(part["type"], e.grid_thw) for part, e in zip(parts, encoded)], encoded, max_tokens

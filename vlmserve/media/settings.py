@@ -14,12 +14,14 @@ import hashlib
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 from vlmserve.errors import InvalidRequest
+from vlmserve.model_parameters import ModelParameters
 
 # One image is capped at this many patches unless the deployment asks for more (max_pixels): attention
 # time grows with the square of a frame's patches, the ViT's memory linearly
-# (vlmserve.vit_packing.vit_memory_bound), and the TensorRT graph's masked attention with the square.
+# (vlmserve.vit.packing.vit_memory_bound), and the TensorRT graph's masked attention with the square.
 MAX_PATCHES_PER_IMAGE = 16384
 # Decoded-size guard of the preprocess model, checked on the header before any pixel is decoded.
 DECODE_PIXEL_LIMIT = 64_000_000
@@ -35,6 +37,18 @@ LOW_DETAIL_MAX_PIXELS = 256 * 28 * 28
 DETAILS = ("auto", "low", "high", "original")
 # Frames are encoded in pairs (the ViT's temporal patch size), so fewer than two make no input.
 MIN_FRAMES = 2
+# qwen-vl-utils (Qwen2-VL) constants: sampled frame counts are multiples of
+# FRAME_FACTOR (the ViT's temporal patch size) and clamped to [FPS_MIN_FRAMES, FPS_MAX_FRAMES].
+FRAME_FACTOR = 2
+FPS_MIN_FRAMES = 4
+FPS_MAX_FRAMES = 768
+# The processor's own defaults where a checkpoint sets nothing: Qwen2VLImageProcessor's for images,
+# qwen-vl-utils' for video frames (per frame, and the whole video's budget).
+IMAGE_MIN_PIXELS, IMAGE_MAX_PIXELS = 56 * 56, 28 * 28 * 1280
+VIDEO_MIN_PIXELS = 128 * 28 * 28
+VIDEO_MAX_PIXELS = 768 * 28 * 28
+VIDEO_TOTAL_PIXELS = 24576 * 28 * 28
+PATCH_SIZE = 14
 
 
 def capped_max_pixels(max_pixels: int, patch_size: int) -> int:
@@ -43,7 +57,7 @@ def capped_max_pixels(max_pixels: int, patch_size: int) -> int:
 
 
 @dataclass(frozen=True)
-class MediaSettings:
+class MediaSettings(ModelParameters):
     """Resize and sampling limits; every field is also a model parameter of the same name."""
 
     min_pixels: int
@@ -57,14 +71,30 @@ class MediaSettings:
     max_video_pixels: int = DECODE_VIDEO_PIXEL_LIMIT  # sampled frames x source frame pixels
     low_detail_max_pixels: int = LOW_DETAIL_MAX_PIXELS
 
-    def with_parameters(self, params: Mapping[str, str]) -> MediaSettings:
-        """These settings with the fields named in ``params`` (model parameters, strings) replaced."""
-        changes = {f.name: type(getattr(self, f.name))(params[f.name])
-                   for f in dataclasses.fields(self) if f.name in params}
-        return dataclasses.replace(self, **changes)
+    @classmethod
+    def from_checkpoint(cls, checkpoint_dir: str | Path) -> MediaSettings:
+        """A checkpoint's limits as served: `preprocessor_config.json` (top-level min/max_pixels win over
+        `size`, as in HF) and `video_preprocessor_config.json` if there is one; max_pixels capped for the
+        ViT (MAX_PATCHES_PER_IMAGE)."""
+        image = _read_json(Path(checkpoint_dir) / "preprocessor_config.json")
+        video = _read_json(Path(checkpoint_dir) / "video_preprocessor_config.json")
+        size, video_size = image.get("size") or {}, video.get("size") or {}
+        patch_size = image.get("patch_size", PATCH_SIZE)
 
-    def parameters(self) -> dict[str, str]:
-        return {name: str(value) for name, value in dataclasses.asdict(self).items()}
+        def first(*values: int | None) -> int:
+            return next(value for value in values if value is not None)
+
+        return cls(
+            min_pixels=first(image.get("min_pixels"), size.get("shortest_edge"), IMAGE_MIN_PIXELS),
+            max_pixels=capped_max_pixels(first(image.get("max_pixels"), size.get("longest_edge"), IMAGE_MAX_PIXELS),
+                                         patch_size),
+            video_min_pixels=first(video.get("min_pixels"), video_size.get("shortest_edge"),
+                                   video_size.get("min_pixels"), VIDEO_MIN_PIXELS),
+            video_max_pixels=capped_max_pixels(first(video.get("max_pixels"), video_size.get("longest_edge"),
+                                                     video_size.get("max_pixels"), VIDEO_MAX_PIXELS), patch_size),
+            video_total_pixels=VIDEO_TOTAL_PIXELS,
+            max_frames=FPS_MAX_FRAMES,
+        )
 
     def fps_for(self, requested: object) -> float:
         """The sampling rate for a video part's ``fps`` (None: the default); InvalidRequest when unusable."""
@@ -145,3 +175,7 @@ def _count(name: str, value: object) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise InvalidRequest(f"{name} must be a positive integer, got {value!r}")
     return value
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -1,4 +1,4 @@
-"""CPU vision encoder: the exported Qwen2-VL vision tower run by onnxruntime.
+"""The exported Qwen2-VL vision tower run by onnxruntime on CPU.
 
 This is what the Triton ``vit`` model runs when no GPU engine is available.
 """
@@ -11,10 +11,10 @@ import numpy as np
 import onnxruntime as ort
 
 from vlmserve.contracts import VIT
-from vlmserve.vision_inputs import vit_inputs
+from vlmserve.vit.inputs import vit_inputs
 
 
-class OnnxVisionEncoder:
+class OnnxVitRunner:
     """Runs ``export/vision_onnx.py``'s model on onnxruntime's CPU provider."""
 
     def __init__(self, onnx_path: str | Path, intra_op_threads: int | None = None) -> None:

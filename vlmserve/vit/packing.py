@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from vlmserve.contracts import VIT
-from vlmserve.vision_inputs import vision_position_ids
+from vlmserve.vit.inputs import vision_position_ids
 
 # The TensorRT graph's masked attention costs (patches in the call)^2 however the segments split them, so
 # packing k media multiplies their attention work by about k. In the Qwen2-VL tower (32 blocks of width 1280,

@@ -9,8 +9,6 @@ qwen-vl-utils computes, and the temporal patch layout is a numpy port of
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -18,72 +16,31 @@ import numpy as np
 from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
-from vlmserve.media import FPS_MAX_FRAMES, FRAME_FACTOR, MediaError
-from vlmserve.media_settings import MediaSettings, capped_max_pixels
-
-# qwen-vl-utils (QwenLM/Qwen2-VL, vision_process.py) video pixel limits.
-VIDEO_MIN_PIXELS = 128 * 28 * 28
-VIDEO_MAX_PIXELS = 768 * 28 * 28
-VIDEO_TOTAL_PIXELS = 24576 * 28 * 28
-
-VIDEO_CONFIG_NAME = "video_preprocessor_config.json"
+from vlmserve.media.decode import MediaError
+from vlmserve.media.settings import FRAME_FACTOR, MediaSettings
 
 T = TypeVar("T")
 
 
-@dataclass(frozen=True)
-class VideoPixelLimits:
-    """Per-frame bounds and the whole-video budget for resizing video frames."""
-
-    min_pixels: int = VIDEO_MIN_PIXELS
-    max_pixels: int = VIDEO_MAX_PIXELS
-    total_pixels: int = VIDEO_TOTAL_PIXELS
-
-
 class VisionPreprocessor:
-    """Pixel values and ``grid_thw`` for images and videos of one checkpoint."""
+    """Pixel values and ``grid_thw`` for images and videos of one checkpoint, within its media settings."""
 
-    def __init__(self, image_processor: Qwen2VLImageProcessorPil, video_limits: VideoPixelLimits = VideoPixelLimits()):
+    def __init__(self, image_processor: Qwen2VLImageProcessorPil, settings: MediaSettings) -> None:
         self._processor = image_processor
-        self._video_limits = video_limits
+        self._settings = settings
 
     @classmethod
-    def from_pretrained(
-        cls,
-        checkpoint_dir: str | Path,
-        video_min_pixels: int | None = None,
-        video_max_pixels: int | None = None,
-        video_total_pixels: int | None = None,
-    ) -> VisionPreprocessor:
-        """Read ``preprocessor_config.json`` (and ``video_preprocessor_config.json`` if present).
+    def from_pretrained(cls, checkpoint_dir: str | Path) -> VisionPreprocessor:
+        """The checkpoint's processor, with its limits as served (MediaSettings.from_checkpoint)."""
+        return cls(Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint_dir)),
+                   MediaSettings.from_checkpoint(checkpoint_dir))
 
-        Explicit ``video_*`` arguments win over the video config, which wins over
-        the qwen-vl-utils defaults.
-        """
-        processor = Qwen2VLImageProcessorPil.from_pretrained(str(checkpoint_dir))
-        configured = _video_config_limits(Path(checkpoint_dir) / VIDEO_CONFIG_NAME)
-        limits = VideoPixelLimits(
-            min_pixels=_first_set(video_min_pixels, configured.min_pixels),
-            max_pixels=_first_set(video_max_pixels, configured.max_pixels),
-            total_pixels=_first_set(video_total_pixels, configured.total_pixels),
-        )
-        return cls(processor, limits)
-
-    def with_video_limits(self, limits: VideoPixelLimits) -> VisionPreprocessor:
-        """The same image processor with other video pixel limits."""
-        return VisionPreprocessor(self._processor, limits)
+    def with_settings(self, settings: MediaSettings) -> VisionPreprocessor:
+        """The same image processor with other limits (a deployment's overrides)."""
+        return VisionPreprocessor(self._processor, settings)
 
     def media_settings(self) -> MediaSettings:
-        """This checkpoint's limits as served: max_pixels capped for the ViT's N x N attention."""
-        size, video = self._processor.size, self._video_limits
-        return MediaSettings(
-            min_pixels=size.shortest_edge,
-            max_pixels=capped_max_pixels(size.longest_edge, self.patch_size),
-            video_min_pixels=video.min_pixels,
-            video_max_pixels=capped_max_pixels(video.max_pixels, self.patch_size),
-            video_total_pixels=video.total_pixels,
-            max_frames=FPS_MAX_FRAMES,
-        )
+        return self._settings
 
     @property
     def patch_size(self) -> int:
@@ -96,10 +53,6 @@ class VisionPreprocessor:
     @property
     def merge_size(self) -> int:
         return self._processor.merge_size
-
-    @property
-    def video_limits(self) -> VideoPixelLimits:
-        return self._video_limits
 
     def image(
         self, img: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None
@@ -129,13 +82,14 @@ class VisionPreprocessor:
         if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8 or not len(frames):
             raise ValueError(f"frames must be non-empty uint8 [T, H, W, 3], got {frames.dtype} {frames.shape}")
         nframes, height, width, _ = frames.shape
-        limits = self._video_limits
-        min_pixels = _first_set(min_pixels, limits.min_pixels)
-        total_pixels = _first_set(total_pixels, limits.total_pixels)
+        limits = self._settings
+        min_pixels = _first_set(min_pixels, limits.video_min_pixels)
+        total_pixels = _first_set(total_pixels, limits.video_total_pixels)
         if max_pixels is None:
             # qwen-vl-utils fetch_video: an even share of the total budget per frame pair,
             # capped per frame and floored just above min_pixels; an explicit max_pixels wins.
-            max_pixels = max(min(limits.max_pixels, total_pixels / nframes * FRAME_FACTOR), int(min_pixels * 1.05))
+            max_pixels = max(min(limits.video_max_pixels, total_pixels / nframes * FRAME_FACTOR),
+                             int(min_pixels * 1.05))
         resized_height, resized_width = self._target_size(height, width, min_pixels, max_pixels)
         video = np.stack([self._frame_to_chw(frame, resized_height, resized_width) for frame in frames])
         patches, grid_t, grid_h, grid_w = patchify_video(
@@ -202,24 +156,6 @@ def patchify_video(
     patches = patches.transpose(0, 3, 6, 4, 7, 2, 1, 5, 8)
     flat = patches.reshape(grid_t * grid_h * grid_w, channels * temporal_patch_size * patch_size * patch_size)
     return flat, grid_t, grid_h, grid_w
-
-
-def _video_config_limits(path: Path) -> VideoPixelLimits:
-    """Pixel limits from a ``video_preprocessor_config.json``; defaults where absent."""
-    defaults = VideoPixelLimits()
-    if not path.is_file():
-        return defaults
-    config = json.loads(path.read_text())
-    size = config.get("size") or {}
-    return VideoPixelLimits(
-        min_pixels=_first_set(
-            config.get("min_pixels"), size.get("shortest_edge"), size.get("min_pixels"), defaults.min_pixels
-        ),
-        max_pixels=_first_set(
-            config.get("max_pixels"), size.get("longest_edge"), size.get("max_pixels"), defaults.max_pixels
-        ),
-        total_pixels=defaults.total_pixels,
-    )
 
 
 def _first_set(*values: T | None) -> T:

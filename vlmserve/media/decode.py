@@ -19,16 +19,10 @@ import numpy as np
 from PIL import Image
 
 from vlmserve.errors import InvalidRequest
-from vlmserve.media_settings import DECODE_VIDEO_PIXEL_LIMIT
+from vlmserve.media.settings import DECODE_VIDEO_PIXEL_LIMIT, FPS_MAX_FRAMES, FPS_MIN_FRAMES, FRAME_FACTOR
 
 # PIL's own default limit (~89.5 MP, 1024**3 // 4 // 3): roughly a 9500x9500 photo.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
-
-# qwen-vl-utils (Qwen2-VL) constants: sampled frame counts are multiples of
-# FRAME_FACTOR (the ViT's temporal patch size) and clamped to [FPS_MIN_FRAMES, FPS_MAX_FRAMES].
-FRAME_FACTOR = 2
-FPS_MIN_FRAMES = 4
-FPS_MAX_FRAMES = 768
 
 
 class MediaError(InvalidRequest):

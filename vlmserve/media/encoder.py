@@ -8,7 +8,7 @@ For the media of one request:
    concurrently (decoding happens in the `preprocess` instances);
 4. with every grid_thw known, let the caller admit or reject the request (its prompt length follows
    from the grids) before any ViT work;
-5. pack the misses into as few `vit` calls as the patch budget allows (`vlmserve.vit_packing`), run
+5. pack the misses into as few `vit` calls as the patch budget allows (`vlmserve.vit.packing`), run
    those calls concurrently and store the results in the cache.
 Runs inside tritonserver only (BLS calls).
 """
@@ -18,15 +18,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlmserve.contracts import PREPROCESS, VIT, VIT_CACHE, raise_for_error
-from vlmserve.media_settings import MediaSettings, MediumOptions
-from vlmserve.preprocessing import VisionPreprocessor
-from vlmserve.vit_packing import MAX_PATCHES_PER_CALL, pack_vit_calls, split_embeddings
+from vlmserve.media.settings import MediaSettings, MediumOptions
+from vlmserve.media.preprocessing import VisionPreprocessor
+from vlmserve.vit.packing import pack_vit_calls, split_embeddings
+from vlmserve.vlm_settings import VlmSettings
 
 # Called with the grid_thw of every part, in order, before any ViT call; raises InvalidRequest to reject.
 Admission = Callable[[list[np.ndarray]], None]
@@ -90,11 +90,12 @@ class MediaEncoder:
         self._running: dict[str, asyncio.Future] = {}  # key -> result of an encoding in progress
 
     @classmethod
-    def from_parameters(cls, params: Mapping[str, str], checkpoint_dir: str | Path) -> MediaEncoder:
-        """Settings as the `preprocess` model resolves them, so cache keys match what it produces."""
-        preprocessor = VisionPreprocessor.from_pretrained(checkpoint_dir)
+    def from_settings(cls, settings: VlmSettings, params: Mapping[str, str]) -> MediaEncoder:
+        """Media settings (in ``params``) as the `preprocess` model resolves them, so cache keys match what
+        it produces."""
+        preprocessor = VisionPreprocessor.from_pretrained(settings.checkpoint_dir)
         return cls(preprocessor.media_settings().with_parameters(params), preprocessor.merge_size,
-                   int(params.get("vit_max_patches", MAX_PATCHES_PER_CALL)), params.get("vit_cache") == "true")
+                   settings.vit_max_patches, settings.vit_cache)
 
     async def encode(self, parts: list[dict], media: list[bytes], admit: Admission | None = None) -> list[Encoded]:
         """One Encoded per (part, bytes) pair, in order; InvalidRequest for media the user got wrong.
