@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import AsyncExitStack, aclosing
 
 from fastapi import Request, Response
 from fastapi.responses import JSONResponse
@@ -14,7 +13,7 @@ from client.triton_vlm import GenerationChunk
 from openai_proxy.disconnect import cancel_on_disconnect
 from openai_proxy.lifetimes import RequestLifetimes
 from openai_proxy.metrics import CLIENT_CLOSED_REQUEST, ProxyMetrics
-from openai_proxy.responses import ResponseFormat, collect
+from openai_proxy.responses import ResponseFormat, closing_all, collect
 from openai_proxy.streaming import sse_response
 
 # One stream per choice (n of them).
@@ -48,9 +47,7 @@ async def run_generation(request: Request, start: Start, fmt: ResponseFormat, st
     with lifetimes.bounded(deadline) as scope:
         async with cancel_on_disconnect(request):
             streams = await start()
-            async with AsyncExitStack() as closing:  # closed here unless the SSE response takes them over
-                for chunks in streams:
-                    await closing.enter_async_context(aclosing(chunks))
+            async with closing_all(streams) as closing:  # closed here unless the SSE response takes them over
                 firsts = await _first_chunks(streams)
                 metrics.time_to_first_token.labels(request.url.path).observe(time.perf_counter() - started)
                 if stream:

@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -259,6 +260,15 @@ def _usage(lasts: Sequence[GenerationChunk]) -> Usage:
     prompt, completion = lasts[0].prompt_tokens, sum(chunk.completion_tokens for chunk in lasts)
     return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion,
                  prompt_tokens_details=PromptTokensDetails(cached_tokens=lasts[0].cached_tokens))
+
+
+@asynccontextmanager
+async def closing_all(streams: Sequence[AsyncIterator[GenerationChunk]]) -> AsyncIterator[AsyncExitStack]:
+    """Close every stream on exit (closing one cancels its Triton request); `pop_all` hands them over."""
+    async with AsyncExitStack() as stack:
+        for stream in streams:
+            await stack.enter_async_context(aclosing(stream))
+        yield stack
 
 
 async def merged(streams: Sequence[AsyncIterator[GenerationChunk]]) -> AsyncIterator[tuple[int, GenerationChunk]]:

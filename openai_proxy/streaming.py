@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import AsyncIterator, Sequence
-from contextlib import AsyncExitStack, aclosing
+from contextlib import aclosing
 
 import anyio
 from sse_starlette import EventSourceResponse
@@ -19,7 +19,7 @@ from client.triton_vlm import GenerationChunk
 from openai_proxy.errors import APIError, to_api_error
 from openai_proxy.lifetimes import RequestLifetimes
 from openai_proxy.metrics import ProxyMetrics
-from openai_proxy.responses import ResponseFormat, stream_payloads
+from openai_proxy.responses import ResponseFormat, closing_all, stream_payloads
 
 # sse-starlette force-cancels streams this long after the drain starts; ours end (with an error event) first.
 SHUTDOWN_MARGIN_S = 5.0
@@ -35,9 +35,7 @@ def sse_response(firsts: Sequence[GenerationChunk], rests: Sequence[AsyncIterato
 
     async def produce() -> None:
         error: APIError | None = None
-        async with sender, AsyncExitStack() as closing:
-            for rest in rests:
-                await closing.enter_async_context(aclosing(rest))
+        async with sender, closing_all(rests) as closing:
             payloads = await closing.enter_async_context(aclosing(stream_payloads(firsts, rests, fmt, include_usage)))
             with lifetimes.bounded(deadline) as scope:
                 try:
