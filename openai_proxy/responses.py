@@ -32,7 +32,7 @@ from openai_proxy.chat_schemas import (
 )
 from openai_proxy.completion_schemas import CompletionChoice, CompletionLogprobs, TextCompletion
 from openai_proxy.schemas import PromptTokensDetails, Usage
-from openai_proxy.tools import CALL_OPEN, new_call, parse_calls, parse_required
+from openai_proxy.tools import CALL_OPEN, call_id, parse_calls, parse_required
 
 DONE = "[DONE]"
 
@@ -109,7 +109,7 @@ class ChatChoice:
             return Delta(content=text) if text else None
         if self.tool_mode == "named":
             if self.call_id is None:
-                self.call_id = new_call(self.tool_name, "{}").id
+                self.call_id = call_id()
                 return Delta(tool_calls=[ToolCallDelta(index=0, id=self.call_id, type="function",
                                                        function=FunctionCallDelta(name=self.tool_name, arguments=text))])
             return Delta(tool_calls=[ToolCallDelta(index=0, function=FunctionCallDelta(arguments=text))]) if text else None
@@ -137,7 +137,7 @@ class ChatChoice:
 
     def _content_and_calls(self) -> tuple[str | None, list[ToolCall]]:
         if self.tool_mode == "named":
-            return None, [ToolCall(id=self.call_id or new_call(self.tool_name, "{}").id,
+            return None, [ToolCall(id=self.call_id or call_id(),
                                    function={"name": self.tool_name, "arguments": self.text or "{}"})]
         if self.tool_mode == "required":
             calls = parse_required(self.text)

@@ -55,8 +55,12 @@ def response_text(content: str) -> str:
     return f"<tool_response>\n{content}\n</tool_response>"
 
 
+def call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
 def new_call(name: str, arguments: str) -> ToolCall:
-    return ToolCall(id=f"call_{uuid.uuid4().hex[:24]}", function={"name": name, "arguments": arguments})
+    return ToolCall(id=call_id(), function={"name": name, "arguments": arguments})
 
 
 def parse_calls(text: str) -> tuple[str | None, list[ToolCall]]:
