@@ -97,11 +97,12 @@ class ChatChoice:
                                                    logprobs=logprobs)]))
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason
-            rest = self._final_delta()
+            _, calls = self._content_and_calls()
+            rest = self._final_delta(calls)
             if rest is not None:
                 out.append(self.fmt.chunk([ChunkChoice(index=self.index, delta=rest)]))
             out.append(self.fmt.chunk([ChunkChoice(index=self.index, delta=Delta(),
-                                                   finish_reason=self._finish_reason())]))
+                                                   finish_reason=self._finish_reason(calls))]))
         return out
 
     def _delta(self, text: str) -> Delta | None:
@@ -122,10 +123,9 @@ class ChatChoice:
                 return Delta(content=content)
         return None  # "required", or a call may have begun: held until the end
 
-    def _final_delta(self) -> Delta | None:
+    def _final_delta(self, calls: list[ToolCall]) -> Delta | None:
         if self.tool_mode in ("none", "named"):
             return None
-        _, calls = self._content_and_calls()
         if not calls:
             rest = self.text[self.sent:]
             return Delta(content=rest) if rest else None
@@ -146,16 +146,16 @@ class ChatChoice:
             return parse_calls(self.text)
         return self.text, []
 
-    def _finish_reason(self) -> str:
+    def _finish_reason(self, calls: list[ToolCall]) -> str:
         # OpenAI: "tool_calls" when the model chose to call (a forced named call ends with "stop").
-        if self.finish_reason == "stop" and self.tool_mode in ("auto", "required") and self._content_and_calls()[1]:
+        if self.finish_reason == "stop" and self.tool_mode in ("auto", "required") and calls:
             return "tool_calls"
         return self.finish_reason or "stop"
 
     def whole(self) -> Choice:
         content, calls = self._content_and_calls()
         return Choice(index=self.index, message=AssistantReply(content=content, tool_calls=calls or None),
-                      finish_reason=self._finish_reason(),
+                      finish_reason=self._finish_reason(calls),
                       logprobs=ChoiceLogprobs(content=self.entries) if self.logprobs else None)
 
 
