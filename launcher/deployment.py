@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -57,6 +58,11 @@ class ProxyProcess:
                 stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(sock.fileno(),))
         wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", timeout_s, "proxy", self.log_path)
 
+    def lose_requests_in_flight(self) -> None:
+        """Tell the proxy that Triton will never answer its requests in flight: it ends them with a 503."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGUSR1)
+
     def stop(self, timeout_s: float = 40.0) -> None:
         """SIGTERM, then SIGKILL after `timeout_s` (the proxy lets requests in flight finish first)."""
         stop_process(self.process, timeout_s)
@@ -100,7 +106,8 @@ class Stack:
         except BaseException:  # a Ctrl-C during the start too
             self.stop()
             raise
-        self.supervisor = Supervisor(self.triton, keep=lambda: [self.proxy.process.pid])
+        self.supervisor = Supervisor(self.triton, keep=lambda: [self.proxy.process.pid],
+                                     on_requests_lost=self.proxy.lose_requests_in_flight)
         self.supervisor.start()
 
     def _start_triton(self) -> None:

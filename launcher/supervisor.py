@@ -4,9 +4,14 @@ Triton 2.51's Python backend does not restart a dead stub: the model stays READY
 to it fails ("Stub process 'vit_0_0' is not healthy"). The supervisor watches the stubs and the
 server from the process that started them. A model whose stub is gone is unloaded and loaded again
 through the repository API (strict readiness makes the server not-ready meanwhile, so health checks
-say so); processes the dead stub left behind (vLLM's engine core and workers) are killed first. If
-the server itself died, or a reload fails, the server is killed with its whole process group and
-started again on the same ports.
+say so); processes the dead stub left behind (vLLM's engine core and workers) are killed first.
+
+A decoupled model's stub (`vlm`, `llm`) needs more: the backend never ends the requests it had in
+flight, so whoever waits on them would wait forever. The `vlm` model, which calls every other model,
+is killed and reloaded too (its coroutines and stream-reading threads waiting on a dead `llm` are
+freed no other way), and `on_requests_lost` tells the proxy, which answers its requests in flight
+with a 503 at once. If the server itself died, or a reload fails, the server is killed with its
+whole process group and started again on the same ports (the proxy's streams fail by themselves).
 """
 
 from __future__ import annotations
@@ -14,8 +19,11 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
+from launcher.lifecycle import kill_and_wait
 from launcher.triton_server import StubInstance, TritonServer
+from vlmserve.contracts import VLM
 
 logger = logging.getLogger(__name__)
 
@@ -24,12 +32,14 @@ class Supervisor:
     """A daemon thread that checks `triton` every `poll_s` seconds while running.
 
     `keep` gives the pids of the deployment's other top-level processes (the proxy), whose children are
-    not orphans to kill.
+    not orphans to kill. `on_requests_lost` is called when the requests in flight will never end.
     """
 
-    def __init__(self, triton: TritonServer, keep: Callable[[], list[int]], poll_s: float = 0.5) -> None:
+    def __init__(self, triton: TritonServer, keep: Callable[[], list[int]],
+                 on_requests_lost: Callable[[], None], poll_s: float = 0.5) -> None:
         self.triton = triton
         self.keep = keep
+        self.on_requests_lost = on_requests_lost
         self.poll_s = poll_s
         self.restarts = 0  # model reloads and server restarts so far, for tests and logs
         self._stopped = threading.Event()
@@ -70,11 +80,17 @@ class Supervisor:
             return expected
         models = sorted({stub.model for stub in dead})
         logger.error("backend process of %s died; reloading", ", ".join(models))
+        if any(self.triton.is_decoupled(model) for model in models):
+            if VLM.NAME not in models:
+                logger.error("reloading %s too: it waits on requests the dead process never ends", VLM.NAME)
+                kill_and_wait(stub.pid for stub in live.values() if stub.model == VLM.NAME)
+                models.append(VLM.NAME)
+            self.on_requests_lost()
         orphans = self.triton.deployment.kill_orphans([self.triton.process.pid, *self.keep()])
         if orphans:
             logger.info("killed %d processes the dead stub left behind", len(orphans))
-        for model in models:
-            self.triton.reload_model(model)
+        with ThreadPoolExecutor(len(models)) as reloads:  # Triton loads models in parallel: `llm` and `vlm` at once
+            list(reloads.map(self.triton.reload_model, models))
         # The backend leaves a dead stub's region in /dev/shm when it starts a new one, and a live instance of
         # the same model that the reload stopped may leave its own: once every stub is up again, no region of
         # the deployment that none of them maps is in use.

@@ -202,6 +202,12 @@ class TritonServer:
                 instances[argv[8]] = StubInstance(Path(argv[1]).parent.parent.name, pid, argv[2])
         return instances
 
+    def is_decoupled(self, name: str) -> bool:
+        """Whether the server runs `name` with a decoupled transaction policy (its own view of the config)."""
+        response = httpx.get(f"http://127.0.0.1:{self.ports.http}/v2/models/{name}/config", timeout=10)
+        response.raise_for_status()
+        return bool(response.json().get("model_transaction_policy", {}).get("decoupled"))
+
     def reload_model(self, name: str, timeout_s: float = 300.0) -> None:
         """Unload `name` (the server reports not-ready meanwhile) and load it again, with new processes."""
         base = f"http://127.0.0.1:{self.ports.http}/v2/repository/models/{name}"

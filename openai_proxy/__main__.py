@@ -4,13 +4,18 @@
 
 Media URLs that resolve to loopback, private or link-local addresses are refused unless allowed with
 --allow-media-network CIDR (repeatable) or --allow-private-media-urls.
+
+SIGTERM or SIGINT drains (requests in flight get the grace period). SIGUSR1 says the model server lost the
+requests in flight (what restarts a dead model process sends it): each gets a 503 at once.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
+import signal
 import socket
 
 import uvicorn
@@ -25,11 +30,16 @@ UVICORN_SHUTDOWN_MARGIN_S = 10.0
 
 
 class DrainingServer(uvicorn.Server):
-    """A uvicorn server that, once it stops accepting connections, gives requests in flight a grace period."""
+    """A uvicorn server that, once it stops accepting connections, gives requests in flight a grace period,
+    and ends them at once on SIGUSR1."""
 
     def __init__(self, config: uvicorn.Config, lifetimes: RequestLifetimes) -> None:
         super().__init__(config)
         self.lifetimes = lifetimes
+
+    async def startup(self, sockets: list | None = None) -> None:
+        await super().startup(sockets)
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, self.lifetimes.lose)
 
     async def shutdown(self, sockets: list | None = None) -> None:
         self.lifetimes.drain()

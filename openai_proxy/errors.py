@@ -40,6 +40,12 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
+def model_unavailable() -> APIError:
+    # The supervisor brings the model back within seconds; `/health` says not-ready until then.
+    return APIError(503, "the model is restarting; retry the request", code="model_unavailable",
+                    headers={"Retry-After": RETRY_AFTER_S})
+
+
 def to_api_error(exc: Exception) -> APIError:
     """What the client is told about a failure: its own mistakes as 400, ours as 500."""
     if isinstance(exc, APIError):
@@ -49,10 +55,8 @@ def to_api_error(exc: Exception) -> APIError:
     if isinstance(exc, InvalidRequestError):
         return APIError(400, str(exc))
     if isinstance(exc, UnavailableError):
-        # The supervisor brings the model back within seconds; `/health` says not-ready until then.
         logger.warning("Triton unavailable: %s", exc)
-        return APIError(503, "the model is restarting; retry the request", code="model_unavailable",
-                        headers={"Retry-After": RETRY_AFTER_S})
+        return model_unavailable()
     if isinstance(exc, TritonError):
         logger.error("Triton request failed: %s", exc)
         return APIError(500, f"inference failed: {exc}")

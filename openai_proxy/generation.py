@@ -44,7 +44,7 @@ async def run_generation(request: Request, start: Start, fmt: ResponseFormat, st
     started = time.perf_counter()
     deadline = lifetimes.new_deadline()
     response = Response(status_code=CLIENT_CLOSED_REQUEST)  # stays if the client goes away; nobody reads it
-    with lifetimes.bounded(deadline) as scope:
+    with lifetimes.bounded(deadline) as lifetime:
         async with cancel_on_disconnect(request):
             streams = await start()
             async with closing_all(streams) as closing:  # closed here unless the SSE response takes them over
@@ -55,6 +55,6 @@ async def run_generation(request: Request, start: Start, fmt: ResponseFormat, st
                     response = sse_response(firsts, streams, fmt, include_usage, lifetimes, deadline, metrics)
                 else:
                     response = JSONResponse((await collect(firsts, streams, fmt)).model_dump(mode="json"))
-    if scope.cancelled_caught:
-        raise lifetimes.expired(deadline)
+    if lifetime.cut_off:
+        raise lifetimes.expired(lifetime)
     return response

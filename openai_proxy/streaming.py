@@ -37,14 +37,14 @@ def sse_response(firsts: Sequence[GenerationChunk], rests: Sequence[AsyncIterato
         error: APIError | None = None
         async with sender, closing_all(rests) as closing:
             payloads = await closing.enter_async_context(aclosing(stream_payloads(firsts, rests, fmt, include_usage)))
-            with lifetimes.bounded(deadline) as scope:
+            with lifetimes.bounded(deadline) as lifetime:
                 try:
                     async for payload in payloads:
                         await sender.send(payload)
                 except Exception as exc:
                     error = to_api_error(exc)
-            if scope.cancelled_caught:
-                error = lifetimes.expired(deadline)
+            if lifetime.cut_off:
+                error = lifetimes.expired(lifetime)
             if error is not None:
                 metrics.stream_errors.labels(error.code or error.type).inc()
                 await sender.send(json.dumps(error.body()))

@@ -232,7 +232,9 @@ async def send(client: httpx.AsyncClient, base_url: str, case: Case) -> str | No
 
 @pytest.fixture(scope="module")
 def media():
-    with TrickyMediaServer(slow_s=3) as server:
+    # /slow answers well after the strict proxy's media timeout; good fetches get the rest of the margin,
+    # which they need on two busy cores.
+    with TrickyMediaServer(slow_s=8) as server:
         yield server
 
 
@@ -243,7 +245,7 @@ def strict_proxy(stack, tmp_path_factory):
                          log_path=tmp_path_factory.mktemp("fuzz") / "proxy.log", extra_args=[
                              "--api-key", KEY, "--allow-media-network", "127.0.0.1/32",
                              "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-media-bytes", str(MAX_MEDIA_BYTES),
-                             "--max-media-per-request", str(MAX_MEDIA), "--media-timeout-s", "1"])
+                             "--max-media-per-request", str(MAX_MEDIA), "--media-timeout-s", "3"])
     proxy.start()
     yield proxy
     proxy.stop()

@@ -118,6 +118,29 @@ def test_a_short_stream_finishes_normally_within_the_grace_period():
         assert sse_payloads(streamed[0])[-1] == "[DONE]"
 
 
+def test_lost_requests_end_at_once_with_503_and_retry_after_and_later_ones_are_served():
+    """What the supervisor's SIGUSR1 does when a decoupled model's process died: Triton never ends its streams."""
+    fake = FakeTriton(SLOW, delay_s=30)  # a stream that would hang for minutes
+    with client_with(fake) as http:
+        thread, answered = in_background(lambda: http.post("/v1/chat/completions", json=CHAT))
+        streamed_thread, streamed = in_background(
+            lambda: http.post("/v1/chat/completions", json={**CHAT, "stream": True}))
+        wait_for(lambda: len(fake.calls) == 2)
+        started = time.monotonic()
+        http.portal.call(http.app.state.lifetimes.lose)
+        thread.join(10)
+        streamed_thread.join(10)
+        assert time.monotonic() - started < 5
+        assert_openai_error(answered[0], 503, "restarting")
+        assert answered[0].headers["retry-after"]
+        assert answered[0].json()["error"]["code"] == "model_unavailable"
+        # The stream had not sent its first chunk yet: it too gets the 503, not a 200 with an error event.
+        assert_openai_error(streamed[0], 503, "restarting")
+        assert fake.closed == 2, "both Triton streams were closed"
+        fake.delay_s = 0
+        assert http.post("/v1/chat/completions", json=CHAT).status_code == 200
+
+
 def metric(text: str, name: str, **labels: str) -> float:
     selector = ",".join(f'{key}="{value}"' for key, value in labels.items())
     match = re.search(rf"^{name}(?:{{{selector}}})? ([0-9.e+]+)$", text, re.MULTILINE)
