@@ -94,11 +94,6 @@ def _chunk(result: grpcclient.InferResult) -> GenerationChunk | None:
     )
 
 
-def _is_final(result: grpcclient.InferResult) -> bool:
-    parameters = result.get_response().parameters
-    return "triton_final_response" in parameters and parameters["triton_final_response"].bool_param
-
-
 class TritonVLMClient:
     """Streams generations from the `vlm` model. Create it inside the event loop that will use it."""
 
@@ -152,20 +147,26 @@ class TritonVLMClient:
         # "triton_" parameters), so a model that ends with a flags-only response just ends the stream:
         # Triton closes it once our only request is complete.
         responses = self._client.stream_infer(one_request())
-        finished = False
+        last: GenerationChunk | None = None
+        ended = False
         try:
             async for result, error in responses:
                 if error is not None:
                     raise _error(error.message())
                 chunk = _chunk(result)
-                if chunk is not None:
-                    finished = chunk.finish_reason is not None
+                if chunk is not None and chunk.finish_reason is not None:
+                    # Held back until Triton has closed the stream: a consumer that stops at the last chunk
+                    # would cancel the stream while the server winds it down, and tritonserver 2.51 then
+                    # keeps the stream's request, media bytes included, for good.
+                    last = chunk
+                elif chunk is not None:
                     yield chunk
-                if _is_final(result):
-                    break
+            ended = True
         except (grpc.RpcError, InferenceServerException) as exc:
             raise _transport_error(exc) from exc
         finally:
-            responses.cancel()  # a no-op after a normal end; stops generation when the consumer went away
-        if not finished:
+            if not ended:
+                responses.cancel()  # stops generation when the consumer went away
+        if last is None:
             raise TritonError("the vlm model ended its stream without a finish reason")
+        yield last
