@@ -23,8 +23,10 @@ from vlmserve.llm_serving.engine import OutputCallback
 from vlmserve.llm_serving.request import GenerationRequest, TokenChunk, TokenLogprobs, check_media
 
 _CHECKED = {field.name for field in dataclasses.fields(CheckedSampling)}
-# Always on: embeddings instead of pixels as input, and the per-step stats our metrics are made of.
-_ENGINE_DEFAULTS = {"enable_mm_embeds": True, "disable_log_stats": False}
+# Embeddings instead of pixels as input, and the per-step stats our metrics are made of. No multimodal
+# processor cache: the media are our ViT's embeddings, which `vit_cache` already holds, and vLLM's cache (4 GiB
+# by default) kept a second copy of each in the engine core, which grew with every new image.
+_ENGINE_DEFAULTS = {"enable_mm_embeds": True, "disable_log_stats": False, "mm_processor_cache_gb": 0}
 
 
 def vllm_prompt(request: GenerationRequest, media_token_ids: tuple[int, int]) -> dict:
