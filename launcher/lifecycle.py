@@ -3,7 +3,9 @@
 Every process a deployment starts (tritonserver, the backend stubs, what the stubs start in turn such as
 vLLM's EngineCore and workers, the proxy) carries `DEPLOYMENT_ENV` in its environment, which children
 inherit whatever process group or session they put themselves in; the Python backend's shared-memory
-regions carry the deployment's own prefix. A deployment is named by its work directory, so a start in
+regions carry the deployment's own prefix. Other files in /dev/shm that its processes map (vLLM's message
+queues, multiprocessing's semaphores) carry no prefix of ours, and their owners remove them only on a clean
+exit: whoever kills those processes removes them. A deployment is named by its work directory, so a start in
 the same directory finds what an earlier one left behind (a `kill -9` of tritonserver or of the server
 that supervises it) and removes it before anything new starts.
 """
@@ -76,6 +78,21 @@ def kill_and_wait(pids: Iterable[int], timeout_s: float = 5.0) -> None:
         time.sleep(0.05)
 
 
+def mapped_shm(pids: Iterable[int]) -> set[Path]:
+    """The files in /dev/shm that `pids` map and that still exist."""
+    files = set()
+    for pid in pids:
+        try:
+            maps = Path(f"/proc/{pid}/maps").read_text()
+        except OSError:  # gone, or not ours to read
+            continue
+        for line in maps.splitlines():
+            fields = line.split(maxsplit=5)  # address, perms, offset, device, inode, path
+            if len(fields) == 6 and fields[5].startswith(f"{SHM_DIR}/") and not fields[5].endswith(" (deleted)"):
+                files.add(Path(fields[5]))
+    return files
+
+
 @dataclass(frozen=True)
 class Deployment:
     """The identity of one deployment: the tag on its processes and the prefix of its shm regions."""
@@ -101,17 +118,26 @@ class Deployment:
     def regions(self) -> list[Path]:
         return sorted(SHM_DIR.glob(self.shm_prefix + "*"))
 
+    def kill(self, pids: Iterable[int]) -> None:
+        """SIGKILL `pids` (processes of this deployment), then remove the files in /dev/shm they mapped that no
+        process of the deployment still alive maps."""
+        pids = set(pids)
+        mapped = mapped_shm(pids)
+        kill_and_wait(pids)
+        for path in mapped - mapped_shm(self.pids()):
+            path.unlink(missing_ok=True)
+
     def kill_orphans(self, keep_below: Iterable[int]) -> set[int]:
         """Kill this deployment's processes that are no longer below any of `keep_below` (their parent died,
         as vLLM's EngineCore and workers outlive a killed `llm` stub); return their pids."""
         parents = parent_pids()
         kept = set().union(*(descendants(root, parents) for root in keep_below))
         orphans = {pid for pid in parents if pid not in kept and _environ_tag(pid) == self.id}
-        kill_and_wait(orphans)
+        self.kill(orphans)
         return orphans
 
     def remove_all(self) -> None:
-        """Kill every process of this deployment and remove its shm regions (on start and on stop)."""
-        kill_and_wait(self.pids())
+        """Kill every process of this deployment and remove its shm regions and files (on start and on stop)."""
+        self.kill(self.pids())
         for region in self.regions():
             region.unlink(missing_ok=True)

@@ -21,7 +21,6 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from launcher.lifecycle import kill_and_wait
 from launcher.triton_server import StubInstance, TritonServer
 from vlmserve.contracts import VLM
 
@@ -83,7 +82,7 @@ class Supervisor:
         if any(self.triton.is_decoupled(model) for model in models):
             if VLM.NAME not in models:
                 logger.error("reloading %s too: it waits on requests the dead process never ends", VLM.NAME)
-                kill_and_wait(stub.pid for stub in live.values() if stub.model == VLM.NAME)
+                self.triton.deployment.kill(stub.pid for stub in live.values() if stub.model == VLM.NAME)
                 models.append(VLM.NAME)
             self.on_requests_lost()
         orphans = self.triton.deployment.kill_orphans([self.triton.process.pid, *self.keep()])

@@ -20,7 +20,7 @@ from pathlib import Path
 import httpx
 import tritonclient.grpc as grpcclient
 
-from launcher.lifecycle import Deployment, kill_and_wait, parent_pids
+from launcher.lifecycle import Deployment, parent_pids
 from launcher.processes import free_ports, open_log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -180,7 +180,7 @@ class TritonServer:
         if self.process is None:
             return
         group = self.process.pid  # the group lives on, with this id, while any member does
-        kill_and_wait(pid for pid in parent_pids() if _process_group(pid) == group)
+        self.deployment.kill(pid for pid in parent_pids() if _process_group(pid) == group)
         self.process.wait()
         for region in self.deployment.regions():
             region.unlink(missing_ok=True)

@@ -13,7 +13,7 @@ import pytest
 
 from client.triton_vlm import TritonError, UnavailableError, _error
 from tests.proxy_helpers import MODEL, FakeTriton, assert_openai_error, client_with, user
-from launcher.lifecycle import SHM_DIR, Deployment, descendants, parent_pids
+from launcher.lifecycle import SHM_DIR, Deployment, descendants, mapped_shm, parent_pids
 
 
 @pytest.mark.parametrize("message", [
@@ -69,6 +69,38 @@ def test_remove_all_finds_tagged_processes_outside_the_tree_and_removes_regions(
     finally:
         sleeper.kill()
         region.unlink(missing_ok=True)
+
+
+# Maps a file in /dev/shm with no prefix of ours, as vLLM's message queues are.
+_MAPPER = """
+import mmap, sys, time
+with open(sys.argv[1], "w+b") as f:
+    f.truncate(4096)
+    region = mmap.mmap(f.fileno(), 4096)
+print("mapped", flush=True)
+time.sleep(120)
+"""
+
+
+def test_remove_all_removes_the_shm_files_the_deployments_processes_mapped(tmp_path):
+    deployment = Deployment.of(tmp_path)
+    other = Deployment.of(tmp_path / "other")
+    ours, theirs = (SHM_DIR / f"lifecycle-test-{uuid.uuid4()}" for _ in range(2))
+    mappers = [subprocess.Popen([sys.executable, "-c", _MAPPER, str(path)], stdout=subprocess.PIPE,
+                                env=owner.environment(dict(os.environ)))
+               for owner, path in ((deployment, ours), (other, theirs))]
+    try:
+        assert all(mapper.stdout.readline() == b"mapped\n" for mapper in mappers)
+        assert mapped_shm([mappers[0].pid]) == {ours}
+        deployment.remove_all()
+        assert not ours.exists()
+        assert theirs.exists() and mappers[1].poll() is None, "another deployment's file was removed"
+    finally:
+        for mapper in mappers:
+            mapper.kill()
+            mapper.wait()
+        ours.unlink(missing_ok=True)
+        theirs.unlink(missing_ok=True)
 
 
 def test_kill_orphans_keeps_what_is_below_the_roots(tmp_path):

@@ -23,7 +23,7 @@ from PIL import Image
 
 from tests.conftest import running_stack
 from launcher.deployment import Stack
-from launcher.lifecycle import Deployment, descendants, parent_pids
+from launcher.lifecycle import Deployment, descendants, mapped_shm, parent_pids
 from launcher.processes import free_ports
 from launcher.triton_server import REPO_ROOT
 
@@ -173,9 +173,12 @@ def test_vllm_llm_killed_comes_back_and_its_engine_processes_go(tiny_checkpoint,
         llm = _stub_pid(stack, "llm")
         engine = descendants(llm, parent_pids()) - {llm}
         assert engine, "vLLM's engine core should run below the llm stub"
+        engine_shm = mapped_shm(engine)
+        assert engine_shm, "vLLM's engine core and worker share message queues in /dev/shm"
         timings = _recover(stack, lambda: os.kill(llm, signal.SIGKILL))
         print("vllm llm", timings)
         assert not engine & parent_pids().keys()
+        assert not [path for path in engine_shm if path.exists()]
         _assert_clean_while_running(stack)
 
         stack.supervisor.stop()  # as if what supervised the stack died with tritonserver
@@ -184,9 +187,12 @@ def test_vllm_llm_killed_comes_back_and_its_engine_processes_go(tiny_checkpoint,
         stack.triton.process.wait()
         time.sleep(1)
         left = stack.deployment.pids()
+        left_shm = mapped_shm(left) - set(stack.deployment.regions())
         assert left - {stack.proxy.process.pid} and stack.deployment.regions(), "the kill should leave something"
+        assert left_shm, "the new engine core's message queues should be left"
         with running_stack(tiny_checkpoint, workdir, "native") as again:
             assert not left & parent_pids().keys()
+            assert not [path for path in left_shm if path.exists()]
             _assert_clean_while_running(again)
         assert not again.deployment.pids() and not again.deployment.regions()
 
