@@ -6,7 +6,10 @@
 Traffic, from `--workers` clients one request at a time each: text chats, chats with a new image (a ViT
 cache miss), chats with one of a few images seen before (hits), streamed chats and text completions.
 Every process the deployment runs (tritonserver, each backend stub, vLLM's engine core and workers, the
-proxy) and its shm regions are sampled every `--sample-s` seconds. After the warm-up (a fifth of the run)
+proxy) and its shm regions are sampled every `--sample-s` seconds: each process's RSS less the shared memory
+it maps, and the pages the Python backend's regions hold, counted once. Before the traffic, every client sends
+a few of the largest new images at once: the regions grow to what the largest concurrent tensors need and
+never shrink, so they reach that size before the warm-up ends, not at some random later time. After the warm-up (a fifth of the run)
 each process must stay within `--max-growth` of its RSS at the end of the warm-up (the `vit_cache` process
 may add its cache budget, which it may still be filling), and the ViT cache within its budget; the exit
 code is 1 otherwise.
@@ -22,6 +25,7 @@ import re
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +36,8 @@ from launcher.lifecycle import Deployment
 from launcher.triton_server import REPO_ROOT, STUB_NAME
 
 VIT_CACHE_MB = 64  # small, so that a run of minutes fills it and eviction is exercised
+WIDTHS, HEIGHTS = (224, 448, 640), (224, 336)  # of the new images
+PEAK_ROUNDS = 10  # largest images per client before the traffic starts
 
 
 def process_name(pid: int) -> str | None:
@@ -47,19 +53,23 @@ def process_name(pid: int) -> str | None:
     return Path(argv[0]).name
 
 
-def rss_bytes(pid: int) -> int:
+def private_rss_bytes(pid: int) -> int:
+    """RSS less the shared-memory pages the process maps: tritonserver maps every stub's shm region, and each
+    stub its own, so their pages would count several times over; they are counted once, as the regions'."""
     try:
         status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return 0
-    return int(re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+    rss, shmem = (int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
+                  for field in ("VmRSS", "RssShmem"))
+    return rss - shmem
 
 
 @dataclass
 class Samples:
     """RSS per process name over time, plus the deployment's shm bytes and the ViT cache's."""
 
-    rss: dict[str, list[tuple[float, int]]] = field(default_factory=dict)
+    rss: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # without shared memory
     shm: list[tuple[float, int]] = field(default_factory=list)
     vit_cache: list[tuple[float, int]] = field(default_factory=list)
 
@@ -67,8 +77,9 @@ class Samples:
         for pid in deployment.pids():
             name = process_name(pid)
             if name is not None:
-                self.rss.setdefault(f"{name} ({pid})", []).append((elapsed, rss_bytes(pid)))
-        self.shm.append((elapsed, sum(region.stat().st_size for region in deployment.regions())))
+                self.rss.setdefault(f"{name} ({pid})", []).append((elapsed, private_rss_bytes(pid)))
+        # The pages the regions hold (tmpfs allocates on first touch), not their sizes.
+        self.shm.append((elapsed, sum(region.stat().st_blocks * 512 for region in deployment.regions())))
         try:
             metrics = httpx.get(metrics_url, timeout=30).text
         except httpx.HTTPError:  # a server this busy answers late; the next sample will tell
@@ -86,9 +97,9 @@ def _at(series: list[tuple[float, int]], when: float) -> int:
 def report(samples: Samples, warmup_s: float, max_growth: float, cache_budget: int) -> bool:
     """Print the table; True when every process stayed within `max_growth` after the warm-up."""
     ok = True
-    print(f"\n{'process':<42} {'after warm-up':>14} {'end':>10} {'max':>10} {'growth':>8}")
+    print(f"\n{'RSS without shm':<42} {'after warm-up':>14} {'end':>10} {'max':>10} {'growth':>8}")
     rows = [(name, series) for name, series in sorted(samples.rss.items())]
-    rows.append(("shm regions (all)", samples.shm))
+    rows.append(("shm regions (all, resident)", samples.shm))
     for name, series in rows:
         start, end = _at(series, warmup_s), series[-1][1]
         peak = max((value for t, value in series if t >= warmup_s), default=end)
@@ -117,20 +128,39 @@ class Traffic:
         self._threads = [threading.Thread(target=self._run, args=(random.Random(seed + i),), daemon=True)
                          for i in range(workers)]
 
-    def _image_url(self, new: bool, rng: random.Random) -> str:
+    def _image_url(self, new: bool, rng: random.Random, largest: bool = False) -> str:
         if not new:
             return rng.choice(self._seen)
-        png = noise_png(rng.choice((224, 448, 640)), rng.choice((224, 336)), next(self._new_images))
+        width, height = (max(WIDTHS), max(HEIGHTS)) if largest else (rng.choice(WIDTHS), rng.choice(HEIGHTS))
+        png = noise_png(width, height, next(self._new_images))
         return "data:image/png;base64," + base64.b64encode(png).decode()
 
-    def _request(self, client: httpx.Client, rng: random.Random) -> int:
-        kind = rng.choice(("text", "new image", "seen image", "stream", "completion"))
+    def peak(self, rounds: int) -> None:
+        """Every client at once sends `rounds` chats with a new image of the largest size, before the traffic
+        starts: the Python backend's shm regions grow to what the largest concurrent tensors need (and never
+        shrink), which random traffic would reach at some random time."""
+        def client(seed: int) -> None:
+            rng = random.Random(seed)
+            with httpx.Client(timeout=120) as http:
+                for _ in range(rounds):
+                    self._count(lambda: self._request(http, rng, "new image", largest=True))
+
+        threads = [threading.Thread(target=client, args=(-1 - i,)) for i in range(len(self._threads))]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _request(self, client: httpx.Client, rng: random.Random, kind: str | None = None,
+                 largest: bool = False) -> int:
+        kind = kind or rng.choice(("text", "new image", "seen image", "stream", "completion"))
         if kind == "completion":
             body = {"model": self.model, "prompt": "Once upon a time", "max_tokens": 16}
             return client.post(f"{self.base_url}/completions", json=body).status_code
         content: list[dict] = [{"type": "text", "text": "What is in it?"}]
         if kind in ("new image", "seen image"):
-            content.append({"type": "image_url", "image_url": {"url": self._image_url(kind == "new image", rng)}})
+            url = self._image_url(kind == "new image", rng, largest)
+            content.append({"type": "image_url", "image_url": {"url": url}})
         body = {"model": self.model, "max_tokens": 24, "messages": [{"role": "user", "content": content}],
                 "stream": kind == "stream"}
         with client.stream("POST", f"{self.base_url}/chat/completions", json=body) as response:
@@ -140,12 +170,15 @@ class Traffic:
     def _run(self, rng: random.Random) -> None:
         with httpx.Client(timeout=120) as client:
             while not self._stop.is_set():
-                try:
-                    status = self._request(client, rng)
-                except httpx.HTTPError:
-                    status = 0
-                with self._lock:
-                    self.statuses[status] = self.statuses.get(status, 0) + 1
+                self._count(lambda: self._request(client, rng))
+
+    def _count(self, request: Callable[[], int]) -> None:
+        try:
+            status = request()
+        except httpx.HTTPError:
+            status = 0
+        with self._lock:
+            self.statuses[status] = self.statuses.get(status, 0) + 1
 
     def __enter__(self) -> Traffic:
         for thread in self._threads:
@@ -177,8 +210,10 @@ def main(argv: list[str] | None = None) -> None:
     samples = Samples()
     with running_stack(checkpoint, args.workdir / "deploy" / args.engine, llm_engine=args.engine,
                        vit_cache_mb=VIT_CACHE_MB, **engine_options) as stack:
+        traffic = Traffic(stack.proxy.base_url, checkpoint.name, args.workers, args.seed)
+        traffic.peak(PEAK_ROUNDS)
         started = time.monotonic()
-        with Traffic(stack.proxy.base_url, checkpoint.name, args.workers, args.seed) as traffic:
+        with traffic:
             while (elapsed := time.monotonic() - started) < duration_s:
                 samples.take(elapsed, stack.deployment, stack.triton.metrics_url)
                 time.sleep(args.sample_s)

@@ -13,7 +13,7 @@ import pytest
 from tests.test_end_to_end import _metric
 from tests.test_engine_metrics import settled_metrics
 from launcher.deployment import ProxyProcess
-from perf.soak import rss_bytes
+from perf.soak import private_rss_bytes
 from perf.vit_stack import noise_png
 
 MODEL = "tiny-qwen2-vl"
@@ -127,8 +127,8 @@ def test_tritonserver_keeps_no_memory_of_finished_requests(native_stack):
             await asyncio.gather(one_client(), one_client())
 
     asyncio.run(send(40))  # warm-up: pools and caches reach their size
-    before = rss_bytes(native_stack.triton.process.pid)
+    before = private_rss_bytes(native_stack.triton.process.pid)
     asyncio.run(send(200))
-    grown = rss_bytes(native_stack.triton.process.pid) - before
+    grown = private_rss_bytes(native_stack.triton.process.pid) - before
     print(f"tritonserver RSS grew {grown / 2**20:.1f} MB over 200 requests with a 650 KB image")
     assert grown < 8 * 2**20  # measured: 1.4-1.9 MB; 20 MB with the leak
