@@ -6,13 +6,13 @@
 Traffic, from `--workers` clients one request at a time each: text chats, chats with a new image (a ViT
 cache miss), chats with one of a few images seen before (hits), streamed chats and text completions.
 Every process the deployment runs (tritonserver, each backend stub, vLLM's engine core and workers, the
-proxy) and its shm regions are sampled every `--sample-s` seconds: each process's RSS less the shared memory
-it maps, and the pages the Python backend's regions hold, counted once. Before the traffic, every client sends
-a few of the largest new images at once: the regions grow to what the largest concurrent tensors need and
-never shrink, so they reach that size before the warm-up ends, not at some random later time. After the warm-up (a fifth of the run)
-each process must stay within `--max-growth` of its RSS at the end of the warm-up (the `vit_cache` process
-may add its cache budget, which it may still be filling), and the ViT cache within its budget; the exit
-code is 1 otherwise.
+proxy) and its shm regions are sampled every `--sample-s` seconds: each process's RSS less the shared
+memory it maps, and the pages the Python backend's regions hold, counted once. Before the traffic, every
+client sends a few of the largest new images at once: the regions grow to what the largest concurrent
+tensors need and never shrink, so they reach that size before the warm-up ends, not at some random later
+time. After the warm-up (a fifth of the run) each process must stay within `--max-growth` of its RSS at
+the end of the warm-up (the `vit_cache` process may add its cache budget, which it may still be filling),
+and the ViT cache within its budget; the exit code is 1 otherwise.
 """
 
 from __future__ import annotations
@@ -67,7 +67,8 @@ def private_rss_bytes(pid: int) -> int:
 
 @dataclass
 class Samples:
-    """RSS per process name over time, plus the deployment's shm bytes and the ViT cache's."""
+    """RSS less shared memory per process name over time, plus the pages of the deployment's shm regions and
+    the ViT cache's bytes."""
 
     rss: dict[str, list[tuple[float, int]]] = field(default_factory=dict)  # without shared memory
     shm: list[tuple[float, int]] = field(default_factory=list)
