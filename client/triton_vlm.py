@@ -46,8 +46,9 @@ class GenerationChunk:
 
     text: str
     finish_reason: str | None  # None until the last chunk, then "stop" or "length"
+    # The usage counts are on the last chunk; 0 on the others.
     prompt_tokens: int
-    completion_tokens: int  # cumulative
+    completion_tokens: int
     cached_tokens: int = 0  # prompt tokens the prefix cache served
     # When asked for: OpenAI's logprob entries ({token, bytes, logprob, top_logprobs}) of this chunk's tokens.
     logprobs: list[dict] | None = None
@@ -84,13 +85,17 @@ def _chunk(result: grpcclient.InferResult) -> GenerationChunk | None:
     if text is None:  # the empty final response
         return None
     logprobs = result.as_numpy(VLM.LOGPROBS.name)
+    logprobs = None if logprobs is None else json.loads(logprobs[0])
+    finish_reason = result.as_numpy(VLM.FINISH_REASON.name)
+    if finish_reason is None:
+        return GenerationChunk(text[0].decode("utf-8"), None, 0, 0, logprobs=logprobs)
     return GenerationChunk(
         text=text[0].decode("utf-8"),
-        finish_reason=result.as_numpy(VLM.FINISH_REASON.name)[0].decode("utf-8") or None,
+        finish_reason=finish_reason[0].decode("utf-8"),
         prompt_tokens=int(result.as_numpy(VLM.PROMPT_TOKENS.name)[0]),
         completion_tokens=int(result.as_numpy(VLM.COMPLETION_TOKENS.name)[0]),
         cached_tokens=int(result.as_numpy(VLM.CACHED_TOKENS.name)[0]),
-        logprobs=None if logprobs is None else json.loads(logprobs[0]),
+        logprobs=logprobs,
     )
 
 

@@ -79,8 +79,6 @@ def llm_first_token(stack, input_ids: np.ndarray, embeds: np.ndarray, media_keys
     tensors = {
         "REQUEST_ID": np.asarray([uuid.uuid4().hex.encode()], dtype=np.object_),
         "INPUT_IDS": input_ids,
-        "POSITION_IDS": np.tile(np.arange(input_ids.size, dtype=np.int64), (3, 1)),
-        "ROPE_DELTA": np.zeros(1, dtype=np.int64),
         "MEDIA_EMBEDS": embeds,
         "MEDIA_KEYS": np.asarray([key.encode() for key in media_keys], dtype=np.object_),
         "MEDIA_GRID_THW": grids,

@@ -13,7 +13,6 @@ from vlmserve.errors import InvalidRequest
 from vlmserve.llm_serving.engine_config import EngineConfig
 from vlmserve.llm_serving.request import GenerationRequest, MediaInput, TokenChunk, media_runs, split_media
 from vlmserve.llm_serving.server import LLMServer, merge_chunks
-from vlmserve.mrope import mrope_positions
 
 IMAGE, VIDEO = 100, 101
 
@@ -55,7 +54,7 @@ def test_vllm_prompt_has_one_pad_per_medium_and_embeddings_by_modality():
     media = [MediaInput("image", "a", np.array([1, 2, 4]), rows[0:2]),
              MediaInput("video", "v", np.array([2, 2, 3]), rows[2:5]),
              MediaInput("image", "b", np.array([1, 2, 2]), rows[5:6])]
-    request = GenerationRequest("r", ids, np.zeros((3, ids.size), np.int64), 0, {}, media)
+    request = GenerationRequest("r", ids, {}, media)
     prompt = vllm_prompt(request, (IMAGE, VIDEO))
     assert prompt["prompt_token_ids"] == [1, IMAGE, 2, VIDEO, 4, IMAGE, 5]
     assert prompt["multi_modal_uuids"] == {"image": ["a", "b"], "video": ["v"]}
@@ -63,7 +62,7 @@ def test_vllm_prompt_has_one_pad_per_medium_and_embeddings_by_modality():
     np.testing.assert_array_equal(image["image_embeds"].numpy(), rows[[0, 1, 5]])
     assert image["image_grid_thw"].tolist() == [[1, 2, 4], [1, 2, 2]]
     assert prompt["multi_modal_data"]["video"]["video_grid_thw"].tolist() == [[2, 2, 3]]
-    wrong = GenerationRequest("r", ids, request.position_ids, 0, {}, [media[1], media[0], media[2]])
+    wrong = GenerationRequest("r", ids, {}, [media[1], media[0], media[2]])
     with pytest.raises(InvalidRequest, match="a run of image pad tokens carries a video"):
         vllm_prompt(wrong, (IMAGE, VIDEO))
 
@@ -117,7 +116,7 @@ class FakeStream:
 
 
 def request(rid: str, **sampling) -> GenerationRequest:
-    return GenerationRequest(rid, np.array([1, 2, 3]), np.zeros((3, 3), np.int64), 0, sampling)
+    return GenerationRequest(rid, np.array([1, 2, 3]), sampling)
 
 
 def test_server_streams_every_token_and_ends_each_stream_once():
@@ -171,10 +170,23 @@ def test_vllm_and_native_engines_give_the_same_greedy_tokens_without_triton(tiny
     pads = int(grid.prod()) // config.vision_config.spatial_merge_size**2
     ids = np.array([11, 12, config.vision_start_token_id] + [config.image_token_id] * pads
                    + [config.vision_end_token_id, 13, 14])
-    positions, delta = mrope_positions(ids, grid[None], None, config)
     embeds = np.random.default_rng(1).standard_normal((pads, config.text_config.hidden_size)).astype(np.float32)
-    request = GenerationRequest("r", ids, positions, delta, {"max_tokens": 12, "temperature": 0},
+    request = GenerationRequest("r", ids, {"max_tokens": 12, "temperature": 0},
                                 [MediaInput("image", "k", grid, embeds)])
     native = greedy_tokens("native", tiny_checkpoint, request)
     assert len(native) == 12
     assert greedy_tokens("vllm", tiny_checkpoint, request) == native
+
+
+def test_native_engine_refuses_a_grid_that_does_not_fit_the_pad_tokens(tiny_checkpoint):
+    # The native engine computes the prompt's M-RoPE positions from the grids: they must agree with the prompt.
+    config = AutoConfig.from_pretrained(tiny_checkpoint)
+    ids = np.array([11, config.vision_start_token_id] + [config.image_token_id] * 6 + [config.vision_end_token_id])
+    embeds = np.zeros((6, config.text_config.hidden_size), np.float32)
+    request = GenerationRequest("r", ids, {"max_tokens": 2}, [MediaInput("image", "k", np.array([1, 4, 4]), embeds)])
+    engine = EngineConfig("native", str(tiny_checkpoint), {"torch_threads": 1}).engine_factory()(lambda chunk: None)
+    try:
+        with pytest.raises(InvalidRequest, match="6 image pad tokens but the image grids need 4"):
+            engine.add(request)
+    finally:
+        engine.shutdown()

@@ -81,8 +81,6 @@ class LLM:
     NAME = "llm"
     REQUEST_ID = TensorSpec("REQUEST_ID", "TYPE_STRING", (1,))
     INPUT_IDS = TensorSpec("INPUT_IDS", "TYPE_INT64", (-1,), optional=True)
-    POSITION_IDS = TensorSpec("POSITION_IDS", "TYPE_INT64", (3, -1), optional=True)  # M-RoPE (t, h, w)
-    ROPE_DELTA = TensorSpec("ROPE_DELTA", "TYPE_INT64", (1,), optional=True)
     MEDIA_EMBEDS = TensorSpec("MEDIA_EMBEDS", "TYPE_FP32", (-1, -1), optional=True)
     # The media's content keys let the llm's prefix cache match them without hashing embeddings.
     MEDIA_KEYS = TensorSpec("MEDIA_KEYS", "TYPE_STRING", (-1,), optional=True)
@@ -90,15 +88,14 @@ class LLM:
     SAMPLING = TensorSpec("SAMPLING", "TYPE_STRING", (1,), optional=True)  # JSON object
     ABORT = TensorSpec("ABORT", "TYPE_BOOL", (1,), optional=True)
     TOKEN_IDS = TensorSpec("TOKEN_IDS", "TYPE_INT64", (-1,))
-    FINISH_REASON = TensorSpec("FINISH_REASON", "TYPE_STRING", (1,))
+    FINISH_REASON = TensorSpec("FINISH_REASON", "TYPE_STRING", (1,))  # on the last response only
     # Only when the request asks for logprobs: the sampled tokens', then the top ones of each step.
     LOGPROBS = TensorSpec("LOGPROBS", "TYPE_FP32", (-1,))
     TOP_LOGPROB_IDS = TensorSpec("TOP_LOGPROB_IDS", "TYPE_INT64", (-1, -1))
     TOP_LOGPROBS = TensorSpec("TOP_LOGPROBS", "TYPE_FP32", (-1, -1))
     # On the first response: the prompt tokens the prefix cache served.
     CACHED_TOKENS = TensorSpec("CACHED_TOKENS", "TYPE_INT32", (1,))
-    inputs = (REQUEST_ID, INPUT_IDS, POSITION_IDS, ROPE_DELTA, MEDIA_EMBEDS, MEDIA_KEYS, MEDIA_GRID_THW, SAMPLING,
-              ABORT)
+    inputs = (REQUEST_ID, INPUT_IDS, MEDIA_EMBEDS, MEDIA_KEYS, MEDIA_GRID_THW, SAMPLING, ABORT)
     outputs = (TOKEN_IDS, FINISH_REASON, LOGPROBS, TOP_LOGPROB_IDS, TOP_LOGPROBS, CACHED_TOKENS)
 
 
@@ -109,6 +106,7 @@ class VLM:
     REQUEST = TensorSpec("REQUEST", "TYPE_STRING", (1,))  # JSON: messages or prompt, and sampling
     MEDIA = TensorSpec("MEDIA", "TYPE_STRING", (-1,), optional=True)  # bytes of each image/video part, in order
     TEXT = TensorSpec("TEXT", "TYPE_STRING", (1,))
+    # The finish reason and the usage counts: on the last response only.
     FINISH_REASON = TensorSpec("FINISH_REASON", "TYPE_STRING", (1,))
     PROMPT_TOKENS = TensorSpec("PROMPT_TOKENS", "TYPE_INT32", (1,))
     COMPLETION_TOKENS = TensorSpec("COMPLETION_TOKENS", "TYPE_INT32", (1,))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -36,3 +37,22 @@ def triton_error(exc: Exception) -> pb_utils.TritonError:
     """
     code = pb_utils.TritonError.INVALID_ARG if isinstance(exc, InvalidRequest) else pb_utils.TritonError.INTERNAL
     return pb_utils.TritonError(encode_error(exc), code)
+
+
+class CancelWatch:
+    """Whether a request's client has gone, asked of Triton at most every POLL_S: each question is a round
+    trip to the server, and a stream asking at every token doubled the messages it cost."""
+
+    POLL_S = 0.1
+
+    def __init__(self, sender) -> None:
+        self.sender = sender
+        self.cancelled = False
+        self.asked_at = -self.POLL_S
+
+    def __call__(self, now: bool = False) -> bool:
+        """The last answer, or a new one when it is older than POLL_S (or `now`)."""
+        at = time.monotonic()
+        if not self.cancelled and (now or at - self.asked_at >= self.POLL_S):
+            self.cancelled, self.asked_at = self.sender.is_cancelled(), at
+        return self.cancelled

@@ -13,6 +13,7 @@ from vlmserve.engine import LLMEngine, SamplingParams
 from vlmserve.errors import InvalidRequest
 from vlmserve.llm_serving.engine import OutputCallback
 from vlmserve.llm_serving.request import GenerationRequest, TokenChunk, check_media
+from vlmserve.mrope import mrope_positions
 from vlmserve.sampling_options import refuse_unless_native
 
 IDLE_WAIT_S = 0.05
@@ -55,9 +56,16 @@ class NativeEngine:
     def add(self, request: GenerationRequest) -> None:
         check_media(request, self.media_token_ids)
         media = [m.embeds for m in request.media]
+        grids = {kind: [m.grid_thw for m in request.media if m.kind == kind] for kind in ("image", "video")}
+        try:
+            position_ids, rope_delta = mrope_positions(
+                request.input_ids, *(np.stack(grids[kind]) if grids[kind] else None for kind in ("image", "video")),
+                self.engine.config)
+        except ValueError as exc:  # pad tokens that do not fit the grids
+            raise InvalidRequest(str(exc)) from exc
         self.engine.add_request(
-            request.request_id, input_ids=request.input_ids, position_ids=request.position_ids,
-            rope_delta=request.rope_delta, media_embeds=np.concatenate(media) if media else None,
+            request.request_id, input_ids=request.input_ids, position_ids=position_ids,
+            rope_delta=rope_delta, media_embeds=np.concatenate(media) if media else None,
             sampling=native_sampling(request.sampling, self.eos_ids),
             media_hashes=[m.key for m in request.media] if media else None)
         self.wake.set()

@@ -23,8 +23,6 @@ class MediaInput:
 class GenerationRequest:
     request_id: str
     input_ids: np.ndarray  # int64 [n]: the chat prompt with each medium's pad token repeated once per embedding row
-    position_ids: np.ndarray  # int64 [3, n]: M-RoPE positions (the native engine uses them; vLLM computes its own)
-    rope_delta: int
     sampling: dict  # the request's sampling options (vlmserve.sampling_options), stop strings excluded
     media: list[MediaInput] = field(default_factory=list)  # in prompt order
 

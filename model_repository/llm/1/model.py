@@ -99,10 +99,9 @@ class TritonStream:
         if chunk.error is not None:
             self.sender.send(pb_utils.InferenceResponse(error=triton_error(chunk.error)), flags=FINAL)
             return
-        tensors = [
-            pb_utils.Tensor(LLM.TOKEN_IDS.name, np.asarray(chunk.token_ids, dtype=np.int64)),
-            pb_utils.Tensor(LLM.FINISH_REASON.name, np.asarray([chunk.finish_reason or ""], dtype=np.object_)),
-        ]
+        tensors = [pb_utils.Tensor(LLM.TOKEN_IDS.name, np.asarray(chunk.token_ids, dtype=np.int64))]
+        if chunk.finished:
+            tensors.append(pb_utils.Tensor(LLM.FINISH_REASON.name, np.asarray([chunk.finish_reason], dtype=np.object_)))
         if chunk.logprobs is not None:
             tensors += [pb_utils.Tensor(LLM.LOGPROBS.name, chunk.logprobs.logprobs.astype(np.float32)),
                         pb_utils.Tensor(LLM.TOP_LOGPROB_IDS.name, chunk.logprobs.top_ids.astype(np.int64)),
@@ -159,11 +158,7 @@ class TritonPythonModel:
         media = split_media(input_ids, optional_input(request, LLM.MEDIA_EMBEDS.name),
                             [] if keys is None else [key.decode() for key in keys.reshape(-1)],
                             optional_input(request, LLM.MEDIA_GRID_THW.name), self.server.engine.media_token_ids)
-        return GenerationRequest(
-            request_id=request_id, input_ids=input_ids,
-            position_ids=required_input(request, LLM.POSITION_IDS.name).astype(np.int64),
-            rope_delta=int(required_input(request, LLM.ROPE_DELTA.name).reshape(-1)[0]),
-            sampling=sampling, media=media)
+        return GenerationRequest(request_id=request_id, input_ids=input_ids, sampling=sampling, media=media)
 
     def _publish_loop(self) -> None:
         while self.running:

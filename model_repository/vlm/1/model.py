@@ -2,13 +2,16 @@
 
 Each request runs as its own coroutine: media are preprocessed and encoded with async BLS calls
 (all parts of a request at once), so ViT work for new requests goes on while the `llm` model keeps
-generating for earlier ones.
+generating for earlier ones. The `llm` stream is then relayed by a thread of the request's own, which
+reads its blocking response iterator and sends each text delta on.
 """
 
 import asyncio
 import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
@@ -18,7 +21,6 @@ from vlmserve.contracts import LLM, VLM, raise_for_error
 from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher, TokenBytes
 from vlmserve.errors import InvalidRequest
 from vlmserve.media.encoder import Encoded, MediaEncoder
-from vlmserve.mrope import mrope_positions
 from vlmserve.prompt import PromptBuilder, media_parts, validate_messages
 from vlmserve.sampling_options import (
     DEFAULT_MAX_TOKENS,
@@ -27,7 +29,7 @@ from vlmserve.sampling_options import (
     engine_options,
     max_tokens_for,
 )
-from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
+from vlmserve.triton_utils import CancelWatch, model_parameters, optional_input, required_input, triton_error
 from vlmserve.vlm_settings import VlmSettings
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -38,6 +40,23 @@ MIN_LOGPROB = -9999.0
 
 def _tensor(name: str, value, dtype):
     return pb_utils.Tensor(name, np.asarray([value], dtype=dtype))
+
+
+@dataclass
+class Relay:
+    """One `llm` stream on its way to the client: what turns its tokens into text, and where it got to."""
+
+    sender: Any
+    detok: IncrementalDetokenizer
+    stops: StopStringMatcher
+    usage: dict  # prompt_tokens, completion_tokens, cached_tokens
+    logprobs: list | None  # OpenAI entries not sent yet, when asked for
+    llm_finish: str = ""
+    text: str = ""  # not sent yet
+    cancelled: CancelWatch = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.cancelled = CancelWatch(self.sender)
 
 
 def _close(sender) -> None:
@@ -53,13 +72,13 @@ class TritonPythonModel:
         params = model_parameters(args)
         settings = VlmSettings.from_parameters(params)
         checkpoint = settings.checkpoint_dir
-        self.config = AutoConfig.from_pretrained(checkpoint)
+        config = AutoConfig.from_pretrained(checkpoint)
         tokenizer = AutoTokenizer.from_pretrained(checkpoint)
         self.tokenizer = tokenizer
         self.token_bytes = TokenBytes(tokenizer)
-        self.prompts = PromptBuilder(tokenizer, self.config.image_token_id, self.config.video_token_id,
-                                     self.config.vision_config.spatial_merge_size)
-        text_config = getattr(self.config, "text_config", self.config)
+        self.prompts = PromptBuilder(tokenizer, config.image_token_id, config.video_token_id,
+                                     config.vision_config.spatial_merge_size)
+        text_config = getattr(config, "text_config", config)
         self.max_model_len = settings.max_model_len or text_config.max_position_embeddings
         self.max_media = settings.max_media_per_request
         # The server's sampling defaults: the checkpoint's generation config over ours, as vLLM's server does.
@@ -97,25 +116,18 @@ class TritonPythonModel:
         if "prompt" in body:  # a plain-text prompt (text completions) instead of chat messages
             if media or "messages" in body:
                 raise InvalidRequest("a request with a prompt takes neither messages nor media")
-            input_ids, grids, encoded = self.prompts.raw(body["prompt"]), [], []
+            input_ids, encoded = self.prompts.raw(body["prompt"]), []
             max_tokens = self._max_tokens(requested, len(input_ids))
         else:
-            input_ids, grids, encoded, max_tokens = await self._chat_prompt(body.get("messages"), media, requested)
-        image_grids = [g for kind, g in grids if kind == "image"]
-        video_grids = [g for kind, g in grids if kind == "video"]
-        position_ids, rope_delta = mrope_positions(
-            input_ids, np.stack(image_grids) if image_grids else None, np.stack(video_grids) if video_grids else None,
-            self.config)
+            input_ids, encoded, max_tokens = await self._chat_prompt(body.get("messages"), media, requested)
         llm_sampling = {**self.sampling_defaults, **engine_options(sampling), "max_tokens": max_tokens}
-        await self._stream(sender, input_ids, position_ids, rope_delta, encoded, llm_sampling,
-                           stop=sampling.get("stop") or [])
+        await self._stream(sender, input_ids, encoded, llm_sampling, stop=sampling.get("stop") or [])
 
     def _max_tokens(self, requested: int | None, prompt_tokens: int) -> int:
         return max_tokens_for(requested, prompt_tokens, self.max_model_len, self.default_max_tokens)
 
-    async def _chat_prompt(self, messages, media: list, requested: int | None
-                           ) -> tuple[np.ndarray, list, list[Encoded], int]:
-        """Prompt ids of chat messages, with (kind, grid) and the encoding of each medium, and max_tokens."""
+    async def _chat_prompt(self, messages, media: list, requested: int | None) -> tuple[np.ndarray, list[Encoded], int]:
+        """Prompt ids of chat messages, the encoding of each medium, and max_tokens."""
         messages = validate_messages(messages)
         parts = media_parts(messages)
         if len(parts) != len(media):
@@ -132,16 +144,13 @@ class TritonPythonModel:
         # Deduplicated, cached and batched by vlmserve.media.encoder; it calls admit before any ViT work.
         encoded = await self.media.encode(parts, media, admit)
         prompt, max_tokens = admitted
-        return prompt, [(part["type"], e.grid_thw) for part, e in zip(parts, encoded)], encoded, max_tokens
+        return prompt, encoded, max_tokens
 
-    async def _stream(self, sender, input_ids, position_ids, rope_delta, encoded: list[Encoded], sampling,
-                      stop) -> None:
+    async def _stream(self, sender, input_ids, encoded: list[Encoded], sampling, stop) -> None:
         request_id = uuid.uuid4().hex
         inputs = [
             pb_utils.Tensor(LLM.REQUEST_ID.name, np.asarray([request_id], dtype=np.object_)),
             pb_utils.Tensor(LLM.INPUT_IDS.name, input_ids),
-            pb_utils.Tensor(LLM.POSITION_IDS.name, position_ids.astype(np.int64)),
-            _tensor(LLM.ROPE_DELTA.name, rope_delta, np.int64),
             pb_utils.Tensor(LLM.SAMPLING.name, np.asarray([json.dumps(sampling)], dtype=np.object_)),
         ]
         if encoded:
@@ -153,43 +162,49 @@ class TritonPythonModel:
         responses = await pb_utils.InferenceRequest(
             model_name=LLM.NAME, inputs=inputs, requested_output_names=LLM_OUTPUTS
         ).async_exec(decoupled=True)
-        detok = IncrementalDetokenizer(self.tokenizer)
-        stops = StopStringMatcher(stop if isinstance(stop, list) else [stop])
-        loop = asyncio.get_running_loop()
-        usage = {"prompt_tokens": len(input_ids), "completion_tokens": 0, "cached_tokens": 0}
-        logprobs = [] if sampling.get("logprobs") is not None else None  # OpenAI entries not sent yet
-        llm_finish, text = "", ""
+        relay = Relay(sender, IncrementalDetokenizer(self.tokenizer),
+                      StopStringMatcher(stop if isinstance(stop, list) else [stop]),
+                      {"prompt_tokens": len(input_ids), "completion_tokens": 0, "cached_tokens": 0},
+                      [] if sampling.get("logprobs") is not None else None)
         try:
-            while not (llm_finish or stops.stopped or sender.is_cancelled()):
-                response = await loop.run_in_executor(self.stream_readers, next, responses, None)
-                if response is None:
-                    break
-                raise_for_error(response, LLM.NAME)
-                ids = pb_utils.get_output_tensor_by_name(response, LLM.TOKEN_IDS.name)
-                if ids is None:  # the empty final response
-                    continue
-                ids = ids.as_numpy().reshape(-1).tolist()
-                usage["completion_tokens"] += len(ids)
-                cached = pb_utils.get_output_tensor_by_name(response, LLM.CACHED_TOKENS.name)
-                if cached is not None:
-                    usage["cached_tokens"] = int(cached.as_numpy()[0])
-                if logprobs is not None:
-                    logprobs += self._logprob_entries(ids, response)
-                llm_finish = pb_utils.get_output_tensor_by_name(response, LLM.FINISH_REASON.name).as_numpy()[0].decode()
-                text = stops.feed(detok.add(ids))
-                if (text or logprobs) and not (llm_finish or stops.stopped):
-                    self._send(sender, text, "", usage, logprobs)
-                    text, logprobs = "", None if logprobs is None else []
+            # A thread of its own relays the stream: each token then wakes one thread, not a thread and the loop.
+            await asyncio.get_running_loop().run_in_executor(self.stream_readers, self._relay, relay, responses)
         finally:
-            if stops.stopped or not llm_finish:  # ended early: free the engine's resources now
+            if relay.stops.stopped or not relay.llm_finish:  # ended early: free the engine's resources now
                 await self._abort(request_id)
-        if sender.is_cancelled():
+        if relay.cancelled(now=True):
             _close(sender)
             return
-        if not stops.stopped:
-            text += stops.feed(detok.flush()) + stops.flush()
-        finish_reason = "stop" if stops.stopped else (llm_finish or "stop")
-        self._send(sender, text, finish_reason, usage, logprobs, final=True)
+        text = relay.text
+        if not relay.stops.stopped:
+            text += relay.stops.feed(relay.detok.flush()) + relay.stops.flush()
+        finish_reason = "stop" if relay.stops.stopped else (relay.llm_finish or "stop")
+        self._send(sender, text, relay.logprobs, finish_reason, relay.usage)
+
+    def _relay(self, relay: Relay, responses) -> None:
+        """Send the `llm` stream's tokens on as text deltas, until it ends, a stop string or the client goes;
+        what the last response holds stays in `relay`."""
+        for response in responses:
+            raise_for_error(response, LLM.NAME)
+            ids = pb_utils.get_output_tensor_by_name(response, LLM.TOKEN_IDS.name)
+            if ids is None:  # the empty final response
+                continue
+            ids = ids.as_numpy().reshape(-1).tolist()
+            relay.usage["completion_tokens"] += len(ids)
+            cached = pb_utils.get_output_tensor_by_name(response, LLM.CACHED_TOKENS.name)
+            if cached is not None:
+                relay.usage["cached_tokens"] = int(cached.as_numpy()[0])
+            if relay.logprobs is not None:
+                relay.logprobs += self._logprob_entries(ids, response)
+            finish = pb_utils.get_output_tensor_by_name(response, LLM.FINISH_REASON.name)
+            if finish is not None:
+                relay.llm_finish = finish.as_numpy()[0].decode()
+            relay.text = relay.stops.feed(relay.detok.add(ids))
+            if relay.llm_finish or relay.stops.stopped or relay.cancelled():
+                return
+            if relay.text or relay.logprobs:
+                self._send(relay.sender, relay.text, relay.logprobs)
+                relay.text, relay.logprobs = "", None if relay.logprobs is None else []
 
     def _logprob_entries(self, ids: list[int], response) -> list[dict]:
         """OpenAI's logprob entries (token, bytes, logprob, top_logprobs) of the tokens that have text."""
@@ -214,18 +229,20 @@ class TritonPythonModel:
                 entries.append({**chosen, "top_logprobs": [top for top in tops if top is not None]})
         return entries
 
-    def _send(self, sender, text: str, finish_reason: str, usage: dict, logprobs: list | None,
-              final: bool = False) -> None:
-        tensors = [
-            pb_utils.Tensor(VLM.TEXT.name, np.asarray([text.encode()], dtype=np.object_)),
-            pb_utils.Tensor(VLM.FINISH_REASON.name, np.asarray([finish_reason], dtype=np.object_)),
-            _tensor(VLM.PROMPT_TOKENS.name, usage["prompt_tokens"], np.int32),
-            _tensor(VLM.COMPLETION_TOKENS.name, usage["completion_tokens"], np.int32),
-            _tensor(VLM.CACHED_TOKENS.name, usage["cached_tokens"], np.int32),
-        ]
+    def _send(self, sender, text: str, logprobs: list | None, finish_reason: str | None = None,
+              usage: dict | None = None) -> None:
+        """A text delta; the finish reason and usage go only in the last response (fewer tensors per token)."""
+        tensors = [pb_utils.Tensor(VLM.TEXT.name, np.asarray([text.encode()], dtype=np.object_))]
         if logprobs is not None:
             tensors.append(_tensor(VLM.LOGPROBS.name, json.dumps(logprobs).encode(), np.object_))
-        sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if final else 0)
+        if finish_reason is not None:
+            tensors += [
+                pb_utils.Tensor(VLM.FINISH_REASON.name, np.asarray([finish_reason], dtype=np.object_)),
+                _tensor(VLM.PROMPT_TOKENS.name, usage["prompt_tokens"], np.int32),
+                _tensor(VLM.COMPLETION_TOKENS.name, usage["completion_tokens"], np.int32),
+                _tensor(VLM.CACHED_TOKENS.name, usage["cached_tokens"], np.int32),
+            ]
+        sender.send(pb_utils.InferenceResponse(tensors), flags=0 if finish_reason is None else FINAL)
 
     async def _abort(self, request_id: str) -> None:
         responses = await pb_utils.InferenceRequest(
