@@ -12,7 +12,6 @@ import io
 import json
 import re
 import shutil
-import time
 from pathlib import Path
 
 import numpy as np
@@ -67,17 +66,14 @@ def image_tokens(checkpoint: Path, width: int, height: int) -> int:
 def test_a_photo_over_the_context_is_a_400_before_the_vit_runs(native_stack, big_photo_url, tiny_checkpoint):
     stack = native_stack
     before = vit_executions(stack)
-    start = time.monotonic()
     with pytest.raises(openai.BadRequestError) as error:
         ask(stack, big_photo_url, 512)
-    elapsed = time.monotonic() - start
     match = re.search(r"Input length \((\d+)\) plus max_tokens \(512\) exceeds model's maximum context length "
                       r"\((\d+)\)", str(error.value))
     assert match, str(error.value)
     assert int(match[2]) == CONTEXT
     assert int(match[1]) > image_tokens(tiny_checkpoint, 4000, 3000) > CONTEXT - 512
     assert vit_executions(stack) == before
-    assert elapsed <= 2.0
 
 
 def test_max_tokens_past_the_context_is_a_400_before_the_vit_runs(native_stack, media_server):
