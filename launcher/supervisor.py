@@ -6,12 +6,17 @@ server from the process that started them. A model whose stub is gone is unloade
 through the repository API (strict readiness makes the server not-ready meanwhile, so health checks
 say so); processes the dead stub left behind (vLLM's engine core and workers) are killed first.
 
-A decoupled model's stub (`vlm`, `llm`) needs more: the backend never ends the requests it had in
-flight, so whoever waits on them would wait forever. The `vlm` model, which calls every other model,
-is killed and reloaded too (its coroutines and stream-reading threads waiting on a dead `llm` are
-freed no other way), and `on_requests_lost` tells the proxy, which answers its requests in flight
-with a 503 at once. If the server itself died, or a reload fails, the server is killed with its
-whole process group and started again on the same ports (the proxy's streams fail by themselves).
+A dead `llm` stub needs more: the backend never ends the requests it had in flight, so whoever waits
+on them would wait forever. The `vlm` model, which calls every other model, is killed and reloaded
+too (its coroutines and stream-reading threads waiting on a dead `llm` are freed no other way), and
+`on_requests_lost` tells the proxy, which answers its requests in flight with a 503 at once.
+
+A dead `vlm` stub takes the whole server down with it: the backend hands each response of the `llm`
+streams it had open to its stub and waits until the stub has taken it, and a dead stub never does.
+That wait, in a tritonserver thread, stops every later `llm` response too, and nothing ends it
+short of stopping the server. So the server is restarted, as when it dies itself or a reload fails:
+killed with its whole process group and started again on the same ports (the proxy's streams fail
+by themselves).
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from launcher.triton_server import StubInstance, TritonServer
+from launcher.triton_server import TritonServer
 from vlmserve.contracts import VLM
 
 logger = logging.getLogger(__name__)
@@ -41,10 +46,14 @@ class Supervisor:
         self.on_requests_lost = on_requests_lost
         self.poll_s = poll_s
         self.restarts = 0  # model reloads and server restarts so far, for tests and logs
+        self._models: dict[str, str] = {}  # instance name ("vit_0_0") -> model, of the server as started
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="triton-supervisor", daemon=True)
 
     def start(self) -> None:
+        # The instances of the started server are those that must live; a stub that dies while the server
+        # restarts, or a model reloads, is missing at the next check whenever it died.
+        self._models = {name: stub.model for name, stub in self.triton.stub_instances().items()}
         self._thread.start()
 
     def stop(self) -> None:
@@ -59,31 +68,38 @@ class Supervisor:
         self._thread.join(timeout_s)
 
     def _run(self) -> None:
-        expected: dict[str, StubInstance] | None = self.triton.stub_instances()
+        server_ok = True
         while not self._stopped.wait(self.poll_s):
             try:
-                expected = self._check(expected) if expected is not None else self._restart_server()
+                if server_ok:
+                    self._check()
+                else:
+                    self._restart_server()
+                server_ok = True
             except Exception:  # retried at the next poll, with a server restart
                 if self._stopped.is_set():  # the server was stopped under us, on purpose
                     return
                 logger.exception("recovery failed; restarting tritonserver")
-                expected = None
+                server_ok = False
 
-    def _check(self, expected: dict[str, StubInstance]) -> dict[str, StubInstance]:
+    def _check(self) -> None:
         if self.triton.process is None or self.triton.process.poll() is not None:
             logger.error("tritonserver exited (code %s); restarting it", self.triton.process.returncode)
-            return self._restart_server()
+            self._restart_server()
+            return
         live = self.triton.stub_instances()
-        dead = [stub for name, stub in expected.items() if name not in live]
-        if not dead:
-            return expected
-        models = sorted({stub.model for stub in dead})
+        models = sorted({model for name, model in self._models.items() if name not in live})
+        if not models:
+            return
+        if VLM.NAME in models:
+            logger.error("backend process of %s died; restarting tritonserver", ", ".join(models))
+            self._restart_server()
+            return
         logger.error("backend process of %s died; reloading", ", ".join(models))
         if any(self.triton.is_decoupled(model) for model in models):
-            if VLM.NAME not in models:
-                logger.error("reloading %s too: it waits on requests the dead process never ends", VLM.NAME)
-                self.triton.deployment.kill(stub.pid for stub in live.values() if stub.model == VLM.NAME)
-                models.append(VLM.NAME)
+            logger.error("reloading %s too: it waits on requests the dead process never ends", VLM.NAME)
+            self.triton.deployment.kill(stub.pid for stub in live.values() if stub.model == VLM.NAME)
+            models.append(VLM.NAME)
             self.on_requests_lost()
         orphans = self.triton.deployment.kill_orphans([self.triton.process.pid, *self.keep()])
         if orphans:
@@ -93,18 +109,15 @@ class Supervisor:
         # The backend leaves a dead stub's region in /dev/shm when it starts a new one, and a live instance of
         # the same model that the reload stopped may leave its own: once every stub is up again, no region of
         # the deployment that none of them maps is in use.
-        live = self.triton.stub_instances()
-        in_use = {stub.region for stub in live.values()}
+        in_use = {stub.region for stub in self.triton.stub_instances().values()}
         for region in self.triton.deployment.regions():
             if region.name not in in_use:
                 region.unlink(missing_ok=True)
         self.restarts += 1
         logger.info("%s back", ", ".join(models))
-        return live
 
-    def _restart_server(self) -> dict[str, StubInstance]:
+    def _restart_server(self) -> None:
         self.triton.kill()
         self.triton.start()
         self.restarts += 1
         logger.info("tritonserver back")
-        return self.triton.stub_instances()
