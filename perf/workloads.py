@@ -35,11 +35,9 @@ IMAGE_PATCH_SIDES = (8, 23)  # 224-644 px a side: COCO-like photos, as InternVL-
 HD_SIZE = (1920, 1080)
 MULTI_ROUND_TURNS = 3
 VIDEO_FPS = 2
-# 392x308 is within the video processor's pixel bounds (128 to 768 merged patches a frame).
-# 29 frames at 7 fps (4.14 s): at 2 fps both frame-sampling rules in play keep frames 0, 4, ..., 28:
-# qwen-vl-utils' (ours: round(8.29 / 2) * 2 = 8 frames, linspace rounded) and vLLM's (floor(8.29) = 8,
-# linspace truncated). Other lengths make the servers see different frames: a difference of sampling
-# rules, not of computation.
+# 392x308 is within the video processor's pixel bounds (128 to 768 merged patches a frame), so neither
+# server resizes the frames. 29 frames at 7 fps (4.14 s): at 2 fps, 8 frames, picked by transformers'
+# video-processor rule on both servers.
 VIDEO_SIZE, VIDEO_FRAMES, VIDEO_SOURCE_FPS = (14 * PATCH_SIDE, 11 * PATCH_SIDE), 29, 7
 
 

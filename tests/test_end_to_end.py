@@ -115,7 +115,7 @@ def test_video_with_fps_matches_transformers(client, media_server, tiny_checkpoi
                {"type": "text", "text": "What happens in this video?"}]
     text, usage, _ = stream_chat(client, [{"role": "user", "content": content}], temperature=0,
                                  max_tokens=MAX_TOKENS)
-    # The reference gets the same sampled frames (frame sampling is tested against qwen-vl-utils' rule
+    # The reference gets the same sampled frames (frame sampling is tested against transformers' rule
     # in test_preprocessing) and runs the untouched torch vision tower inside generate.
     frames = decode_video(data, fps=2).frames
     pixel_values, grid = VisionPreprocessor.from_pretrained(tiny_checkpoint).video(frames)

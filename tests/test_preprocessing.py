@@ -22,9 +22,15 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 from vlmserve.errors import InvalidRequest
-from vlmserve.media.decode import MediaError, VideoFrames, decode_image, decode_video
+from vlmserve.media.decode import MediaError, VideoFrames, decode_image, decode_video, sample_indices
 from vlmserve.media.preprocessing import VisionPreprocessor
-from vlmserve.media.settings import VIDEO_MAX_PIXELS, VIDEO_MIN_PIXELS, MediaSettings, capped_max_pixels
+from vlmserve.media.settings import (
+    FPS_MIN_FRAMES,
+    VIDEO_MAX_PIXELS,
+    VIDEO_MIN_PIXELS,
+    MediaSettings,
+    capped_max_pixels,
+)
 
 # preprocessor_config.json as Qwen2-VL-2B-Instruct ships it.
 QWEN2_VL_2B_PREPROCESSOR = {
@@ -201,15 +207,15 @@ def test_from_pretrained_video_config_and_overrides(checkpoint_dir, tmp_path):
 @pytest.mark.parametrize(
     "num_frames, fps, max_frames, expected",
     [
-        (20, 2.0, 768, [0, 6, 13, 19]),  # 2 s * 2 fps = 4 frames
-        (20, 4.0, 768, [0, 3, 5, 8, 11, 14, 16, 19]),  # 8 frames
-        (20, 1.0, 768, [0, 6, 13, 19]),  # 2 frames, raised to min_frames=4
-        (20, 4.0, 6, [0, 4, 8, 11, 15, 19]),  # capped at max_frames
-        (20, 2.5, 768, [0, 6, 13, 19]),  # 5 rounds to 4 (round half to even, by FRAME_FACTOR=2)
-        (3, 2.0, 768, [0, 2]),  # shorter than min_frames: as many even frames as there are
+        (20, 2.0, 768, [0, 5, 10, 15]),  # 2 s * 2 fps = 4 frames
+        (20, 4.0, 768, [0, 2, 5, 7, 10, 12, 15, 17]),  # 8 frames, float32 steps of 2.5 truncated
+        (20, 1.0, 768, [0, 5, 10, 15]),  # 2 frames, raised to min_frames=4
+        (20, 4.0, 6, [0, 3, 6, 10, 13, 16]),  # capped at max_frames
+        (20, 2.5, 768, [0, 5, 10, 15]),  # 5 floors to 4 (by FRAME_FACTOR=2)
+        (3, 2.0, 768, [0, 1]),  # shorter than min_frames: as many even frames as there are
     ],
 )
-def test_decode_video_samples_like_qwen_vl_utils(num_frames, fps, max_frames, expected):
+def test_decode_video_samples_like_the_video_processor(num_frames, fps, max_frames, expected):
     video = decode_video(make_video(num_frames), fps=fps, max_frames=max_frames)
     assert isinstance(video, VideoFrames)
     assert video.frames.dtype == np.uint8 and video.frames.shape == (len(expected), 48, 64, 3)
@@ -217,6 +223,26 @@ def test_decode_video_samples_like_qwen_vl_utils(num_frames, fps, max_frames, ex
     assert [source_index(frame) for frame in video.frames] == expected
     assert (video.total_frames, video.video_fps) == (num_frames, 10.0)
     assert video.sample_fps == pytest.approx(len(expected) / num_frames * 10.0)
+
+
+@pytest.mark.parametrize("total_frames", [4, 7, 20, 29, 61, 150, 451, 1000, 2400])
+@pytest.mark.parametrize("video_fps", [7.0, 23.976, 25.0, 30.0])
+@pytest.mark.parametrize("fps, max_frames", [(0.5, 768), (1.0, 768), (2.0, 768), (2.0, 16), (3.7, 64), (24.0, 768)])
+def test_frame_sampling_is_transformers_and_vllms(total_frames, video_fps, fps, max_frames):
+    """The frames transformers' Qwen2VLVideoProcessor picks, and those of vLLM's Qwen2-VL video loader (which
+    clamps a tail index past the end onto the last frame), so both servers give the model the same video."""
+    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
+    from transformers.video_utils import VideoMetadata
+    from vllm.multimodal.video import Qwen2VLVideoBackend, VideoSourceMetadata, VideoTargetMetadata
+
+    ours = sample_indices(total_frames, video_fps, fps, FPS_MIN_FRAMES, max_frames).tolist()
+    metadata = VideoMetadata(total_num_frames=total_frames, fps=video_fps)
+    hf = Qwen2VLVideoProcessor().sample_frames(metadata, fps=fps, max_frames=max_frames).tolist()
+    assert ours == [min(index, total_frames - 1) for index in hf]
+    source = VideoSourceMetadata(total_frames, video_fps, total_frames / video_fps)
+    vllm = Qwen2VLVideoBackend.compute_frames_index_to_sample(source, VideoTargetMetadata(-1, fps, 300),
+                                                              max_frames=max_frames)
+    assert ours == vllm
 
 
 def test_video_default_grid(preprocessor):

@@ -2,9 +2,9 @@
 
 Everything that is wrong with the bytes themselves (not an image, truncated,
 undecodable, too large) raises :class:`MediaError`, so the Triton model can
-answer with a client error instead of crashing. Video frame sampling follows
-qwen-vl-utils (``qwen_vl_utils/vision_process.py`` in QwenLM/Qwen2-VL), which
-is what Qwen2-VL was evaluated with. Only PIL, PyAV and numpy are used.
+answer with a client error instead of crashing. Video frames are sampled as
+transformers' ``Qwen2VLVideoProcessor`` samples them, which is what vLLM's own
+Qwen2-VL video loader does, so both servers feed the model the same frames.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import av
 import numpy as np
+import torch
 from PIL import Image
 
 from vlmserve.errors import InvalidRequest
@@ -94,10 +95,10 @@ def decode_video(
     max_frame_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
     max_video_pixels: int = DECODE_VIDEO_PIXEL_LIMIT,
 ) -> VideoFrames:
-    """Decode a video and sample ``fps`` frames per second like qwen-vl-utils.
+    """Decode a video and sample ``fps`` frames per second (``sample_indices``).
 
-    The source frame count is the number of frames actually decoded (as with
-    qwen-vl-utils' torchvision reader), not the container's claim. The sampled
+    The source frame count is the number of frames actually decoded, not the
+    container's claim (a container may miscount). The sampled
     frames are held at the source size, so their pixels together are checked
     against ``max_video_pixels`` on the header and packet count, before decoding.
     """
@@ -133,27 +134,23 @@ def decode_video(
 def sample_indices(
     total_frames: int, video_fps: float, fps: float, min_frames: int, max_frames: int
 ) -> np.ndarray:
-    """Source frame indices kept for the model: qwen-vl-utils ``smart_nframes`` + linspace.
+    """Source frame indices kept for the model, by transformers' ``Qwen2VLVideoProcessor.sample_frames``
+    for ``fps``, as vLLM's Qwen2-VL video loader ports it.
 
-    qwen-vl-utils rounds ``torch.linspace`` in float32; float64 is used here,
-    which agrees for videos up to ~12k frames and may pick a neighbouring
-    frame (off by one) in a few positions beyond that.
+    ``total / video_fps * fps`` frames, clamped to [min_frames, max_frames] and the video's length,
+    floored to a multiple of FRAME_FACTOR; the indices come from the same ``torch.arange`` call, whose
+    float32 steps decide which frames are picked. A tail index at the end is clamped onto the last
+    frame, as vLLM does.
     """
-    nframes = smart_nframes(total_frames, video_fps, fps, min_frames, max_frames)
-    return np.linspace(0, total_frames - 1, nframes).round().astype(np.int64)
-
-
-def smart_nframes(total_frames: int, video_fps: float, fps: float, min_frames: int, max_frames: int) -> int:
-    """How many frames to sample: qwen-vl-utils (Qwen2-VL) ``smart_nframes`` for ``fps``."""
-    lower = math.ceil(min_frames / FRAME_FACTOR) * FRAME_FACTOR
     upper = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
-    nframes = min(max(total_frames / video_fps * fps, lower), upper)
-    nframes = round(nframes / FRAME_FACTOR) * FRAME_FACTOR  # Python round, as qwen-vl-utils
-    if not FRAME_FACTOR <= nframes <= total_frames:
+    wanted = min(max(total_frames / video_fps * fps, min_frames), upper, total_frames)
+    nframes = math.floor(wanted / FRAME_FACTOR) * FRAME_FACTOR
+    if nframes < FRAME_FACTOR:
         raise MediaError(
             f"video is too short: it has {total_frames} frame(s), at least {FRAME_FACTOR} are needed"
         )
-    return nframes
+    indices = torch.arange(0, total_frames, total_frames / nframes).int().numpy().astype(np.int64)
+    return np.minimum(indices, total_frames - 1)
 
 
 def _open_video_stream(container: av.container.InputContainer) -> av.VideoStream:
@@ -191,9 +188,10 @@ def _probe(data: bytes, max_frame_pixels: int) -> tuple[float, int, int, int]:
 
 
 def _decode_selected(data: bytes, indices: np.ndarray) -> tuple[list[np.ndarray], int]:
-    """RGB frames at ``indices`` (presentation order) and the number of frames decoded."""
-    wanted = set(indices.tolist())  # linspace over >= as many frames as samples never repeats an index
-    frames: list[np.ndarray] = []
+    """RGB frames at ``indices`` (presentation order; a clamped tail index repeats the last frame) and the
+    number of frames decoded."""
+    wanted = set(indices.tolist())
+    kept: dict[int, np.ndarray] = {}
     count = 0
     with av.open(io.BytesIO(data), mode="r") as container:
         stream = _open_video_stream(container)
@@ -201,6 +199,6 @@ def _decode_selected(data: bytes, indices: np.ndarray) -> tuple[list[np.ndarray]
         for frame in container.decode(stream):
             if count in wanted:
                 # A fixed output size guards against mid-stream resolution changes.
-                frames.append(frame.to_ndarray(format="rgb24", width=width, height=height))
+                kept[count] = frame.to_ndarray(format="rgb24", width=width, height=height)
             count += 1
-    return frames, count
+    return [kept[index] for index in indices.tolist() if index in kept], count

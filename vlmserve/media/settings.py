@@ -28,7 +28,7 @@ DECODE_PIXEL_LIMIT = 64_000_000
 # Sampled video frames are held at their source size until they are resized, so their total is
 # bounded before decoding: the most frames (768) of a 720p video, 2 GiB of RGB.
 DECODE_VIDEO_PIXEL_LIMIT = 768 * 1280 * 720
-DEFAULT_VIDEO_FPS = 2.0  # qwen-vl-utils' default sampling rate
+DEFAULT_VIDEO_FPS = 2.0  # the video processor's (and qwen-vl-utils') default sampling rate
 MAX_VIDEO_FPS = 60.0
 # An image part with `detail: "low"` and no max_pixels gets at most 256 visual tokens (28 x 28 pixels
 # each on Qwen2-VL): about 448x448, close to the 512x512 OpenAI scales low-detail images to, and like
@@ -37,7 +37,7 @@ LOW_DETAIL_MAX_PIXELS = 256 * 28 * 28
 DETAILS = ("auto", "low", "high", "original")
 # Frames are encoded in pairs (the ViT's temporal patch size), so fewer than two make no input.
 MIN_FRAMES = 2
-# qwen-vl-utils (Qwen2-VL) constants: sampled frame counts are multiples of
+# transformers' Qwen2VLVideoProcessor defaults: sampled frame counts are multiples of
 # FRAME_FACTOR (the ViT's temporal patch size) and clamped to [FPS_MIN_FRAMES, FPS_MAX_FRAMES].
 FRAME_FACTOR = 2
 FPS_MIN_FRAMES = 4
