@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Self
 
 import httpx
 import pytest
@@ -69,8 +70,27 @@ def _ready(stack: Stack) -> tuple[bool, bool]:
     return _is_200(triton), _is_200(proxy)
 
 
+class InBackground:
+    """Runs `_run` in a daemon thread while the `with` block runs; `_stop` is set when the block ends."""
+
+    join_s = 10.0
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stop.set()
+        self._thread.join(self.join_s)
+
+
 @dataclass
-class HealthWatch:
+class HealthWatch(InBackground):
     """Asks one health URL over and over from a thread, and keeps when it first said not-ready after `since`.
 
     Each endpoint has its own watcher, so that a short not-ready window (a light model reloads in well
@@ -80,7 +100,6 @@ class HealthWatch:
     url: str
     since: float
     not_ready_at: float | None = None
-    _stop: threading.Event = field(default_factory=threading.Event)
 
     def _run(self) -> None:
         while not self._stop.is_set() and self.not_ready_at is None:
@@ -89,23 +108,14 @@ class HealthWatch:
                 self.not_ready_at = asked_at
             self._stop.wait(0.02)
 
-    def __enter__(self) -> HealthWatch:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(10)
-
 
 @dataclass
-class Traffic:
+class Traffic(InBackground):
     """Image and text requests, one at a time, from a thread, while the `with` block runs."""
 
     stack: Stack
     statuses: list[tuple[int, str | None, str]] = field(default_factory=list)  # (status, Retry-After, body)
-    _stop: threading.Event = field(default_factory=threading.Event)
+    join_s = 90.0  # a request under way ends within its own timeout
 
     def _run(self) -> None:
         for image in itertools.cycle((True, False)):
@@ -117,15 +127,6 @@ class Traffic:
             except httpx.HTTPError as exc:  # no answer at all counts as a failure too
                 self.statuses.append((0, None, repr(exc)))
             time.sleep(0.2)
-
-    def __enter__(self) -> Traffic:
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self._stop.set()
-        self._thread.join(90)
 
 
 def _recover(stack: Stack, kill) -> dict[str, float]:
