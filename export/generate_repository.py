@@ -77,9 +77,7 @@ class RepositoryOptions:
     enforce_eager: bool = False  # vllm: no torch.compile / CUDA graphs (starts faster, decodes slower)
     quantization: str | None = None  # vllm: e.g. "fp8", "awq"
     enable_prefix_caching: bool = True
-    # The llm engine's cores: native: torch intra-op threads (0 keeps torch's default); vllm on cpu: how many
-    # cores its workers bind when llm_cpu_binding is None (0: half).
-    llm_threads: int = 0
+    llm_threads: int = 0  # native: torch intra-op threads in the llm model; 0 keeps torch's default
     # vllm on cpu: the cores its workers bind (VLLM_CPU_OMP_THREADS_BIND syntax); None: llm_threads cores
     # (half when 0), the rest for everything else (default_binding); "auto": vLLM's own binding.
     llm_cpu_binding: str | None = None
