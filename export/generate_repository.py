@@ -26,7 +26,6 @@ from pathlib import Path
 
 from export.build_trt_engine import ProcessorLimits, read_profile
 from vlmserve.contracts import LLM, PREPROCESS, VIT, VIT_CACHE, VLM, TensorSpec
-from vlmserve.llm_serving.cpu_binding import default_binding
 from vlmserve.llm_serving.engine_config import CONFIG_FILE, ENGINES, EngineConfig
 from vlmserve.media.settings import MediaSettings, capped_max_pixels
 from vlmserve.vit.settings import VitCacheSettings, VitRunnerSettings
@@ -78,9 +77,6 @@ class RepositoryOptions:
     quantization: str | None = None  # vllm: e.g. "fp8", "awq"
     enable_prefix_caching: bool = True
     llm_threads: int = 0  # native: torch intra-op threads in the llm model; 0 keeps torch's default
-    # vllm on cpu: the cores its workers bind (VLLM_CPU_OMP_THREADS_BIND syntax); None: llm_threads cores
-    # (half when 0), the rest for everything else (default_binding); "auto": vLLM's own binding.
-    llm_cpu_binding: str | None = None
     llm_engine_args: dict = field(default_factory=dict)  # more engine arguments, passed through as they are
 
 
@@ -93,7 +89,6 @@ DEFAULT_GPU_MEMORY_UTILIZATION = 0.8
 def engine_config(opts: RepositoryOptions) -> EngineConfig:
     """The llm model's engine and its arguments, as the engine itself names them."""
     checkpoint = str(opts.checkpoint.resolve())
-    cpu_binding = ""
     if opts.llm_engine == "native":
         args = {"dtype": opts.llm_dtype, "enable_prefix_caching": opts.enable_prefix_caching,
                 "max_num_seqs": opts.max_num_seqs, "max_num_batched_tokens": opts.max_num_batched_tokens,
@@ -112,11 +107,8 @@ def engine_config(opts: RepositoryOptions) -> EngineConfig:
                 args["kv_cache_memory_bytes"] = opts.kv_cache_bytes
         else:
             args["kv_cache_memory_bytes"] = opts.kv_cache_bytes or DEFAULT_CPU_KV_CACHE_BYTES
-            cpu_binding = opts.llm_cpu_binding
-            if cpu_binding is None:
-                cpu_binding = default_binding(os.sched_getaffinity(0), opts.llm_threads, args["tensor_parallel_size"])
     args = {k: v for k, v in args.items() if v not in (0, None) or isinstance(v, bool)}
-    return EngineConfig(opts.llm_engine, checkpoint, {**args, **opts.llm_engine_args}, cpu_binding)
+    return EngineConfig(opts.llm_engine, checkpoint, {**args, **opts.llm_engine_args})
 
 def _tensor(spec: TensorSpec) -> str:
     extra = " optional: true" if spec.optional else ""
@@ -288,11 +280,7 @@ def main(argv: list[str] | None = None) -> None:
     llm.add_argument("--enforce-eager", action="store_true", help="vllm: no torch.compile / CUDA graphs")
     llm.add_argument("--quantization", help="vllm: e.g. fp8, awq")
     llm.add_argument("--no-prefix-caching", action="store_true", help="turn the llm's prefix cache off")
-    llm.add_argument("--llm-threads", type=int, default=0,
-                     help="the llm engine's cores: native: torch threads; vllm on cpu: cores its worker binds "
-                          "(default: half)")
-    llm.add_argument("--llm-cpu-binding", help="vllm on cpu: its workers' cores, as VLLM_CPU_OMP_THREADS_BIND "
-                     "('0-3', '0-3|4-7' with 2 ranks; 'auto': vLLM's own); the rest of the stack runs on the others")
+    llm.add_argument("--llm-threads", type=int, default=0, help="native: torch threads for the llm model")
     llm.add_argument("--llm-engine-args", type=json.loads, default={},
                      help='more engine arguments as JSON, passed through, e.g. \'{"swap_space": 8}\'')
     args = parser.parse_args(argv)
@@ -310,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
         kv_cache_memory_fraction=args.kv_cache_memory_fraction, tensor_parallel_size=args.tensor_parallel_size,
         enforce_eager=args.enforce_eager, quantization=args.quantization,
         enable_prefix_caching=not args.no_prefix_caching, llm_threads=args.llm_threads,
-        llm_cpu_binding=args.llm_cpu_binding, llm_engine_args=args.llm_engine_args)
+        llm_engine_args=args.llm_engine_args)
     print(generate_repository(opts))
 
 

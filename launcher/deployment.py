@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -14,12 +13,9 @@ from pathlib import Path
 from export.generate_repository import RepositoryOptions, generate_repository
 from export.vision_onnx import export_vision_onnx
 from launcher.lifecycle import Deployment
-from launcher.processes import listening_socket, on_cpus, open_log, stop_process, wait_healthy
+from launcher.processes import listening_socket, open_log, stop_process, wait_healthy
 from launcher.supervisor import Supervisor
 from launcher.triton_server import REPO_ROOT, ServerExited, TritonPorts, TritonServer, triton_environment
-from vlmserve.contracts import LLM
-from vlmserve.llm_serving.cpu_binding import frontend_cpus
-from vlmserve.llm_serving.engine_config import EngineConfig
 
 logger = logging.getLogger(__name__)
 
@@ -34,13 +30,6 @@ def prepare_cpu_repository(checkpoint: Path, workdir: Path, **options) -> Path:
                                                  target="cpu", vit_onnx=onnx_path, **options))
 
 
-def stack_cpus(repository: Path) -> set[int] | None:
-    """Where tritonserver and the proxy run: off the cores the repository binds vLLM's workers to (None:
-    anywhere, e.g. for the native engine, whose threads are not bound)."""
-    config = EngineConfig.read(repository / LLM.NAME / "1")
-    return frontend_cpus(config.cpu_binding, os.sched_getaffinity(0)) if config.engine == "vllm" else None
-
-
 @dataclass
 class ProxyProcess:
     """The OpenAI proxy as a child process; `extra_args` go to `python -m openai_proxy` as they are."""
@@ -51,7 +40,6 @@ class ProxyProcess:
     log_path: Path | None = None
     extra_args: Sequence[str] = ()
     deployment: Deployment | None = None
-    cpus: set[int] | None = None  # where it runs (None: anywhere)
     process: subprocess.Popen | None = None
 
     @property
@@ -67,8 +55,7 @@ class ProxyProcess:
                 [sys.executable, "-m", "openai_proxy", "--triton-url", self.triton_grpc_url,
                  "--fd", str(sock.fileno()), "--served-model-name", self.model_name, *self.extra_args],
                 cwd=REPO_ROOT, env=self.deployment.environment(env) if self.deployment else env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(sock.fileno(),),
-                preexec_fn=on_cpus(self.cpus))
+                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(sock.fileno(),))
         wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", timeout_s, "proxy", self.log_path)
 
     def lose_requests_in_flight(self) -> None:
@@ -105,11 +92,10 @@ class Stack:
     def create(cls, repository: Path, workdir: Path, model_name: str, ports: TritonPorts, proxy_port: int,
                proxy_args: Sequence[str] = (), proxy_stop_s: float = 40.0) -> Stack:
         deployment = Deployment.of(workdir)
-        cpus = stack_cpus(repository)
         triton = TritonServer(repository, workdir / "tritonserver", ports, log_path=workdir / "tritonserver.log",
-                              deployment=deployment, cpus=cpus)
+                              deployment=deployment)
         proxy = ProxyProcess(triton.grpc_url, proxy_port, model_name, log_path=workdir / "proxy.log",
-                             extra_args=proxy_args, deployment=deployment, cpus=cpus)
+                             extra_args=proxy_args, deployment=deployment)
         return cls(triton, proxy, deployment, proxy_stop_s)
 
     def start(self) -> None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
 
@@ -52,12 +50,6 @@ def open_log(path: Path | None) -> Iterator[IO[bytes] | int]:
         return
     with open(path, "ab") as log:
         yield log
-
-
-def on_cpus(cpus: set[int] | None) -> Callable[[], None] | None:
-    """Popen's preexec_fn that starts a child on `cpus` (None: wherever this process may run); its children
-    inherit them."""
-    return None if cpus is None else functools.partial(os.sched_setaffinity, 0, cpus)
 
 
 def wait_healthy(process: subprocess.Popen, url: str, timeout_s: float, name: str, log_path: Path | None) -> None:

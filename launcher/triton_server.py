@@ -21,7 +21,7 @@ import httpx
 import tritonclient.grpc as grpcclient
 
 from launcher.lifecycle import Deployment, parent_pids
-from launcher.processes import free_ports, on_cpus, open_log
+from launcher.processes import free_ports, open_log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -101,10 +101,8 @@ class TritonServer:
     """
 
     def __init__(self, model_repository: Path, install_dir: Path, ports: TritonPorts, log_path: Path | None = None,
-                 extra_args: list[str] | None = None, deployment: Deployment | None = None,
-                 cpus: set[int] | None = None) -> None:
+                 extra_args: list[str] | None = None, deployment: Deployment | None = None) -> None:
         self.model_repository = model_repository
-        self.cpus = cpus  # where the server and its model processes run (None: anywhere)
         self.install_dir = prepare_triton_install(install_dir)
         self.ports = ports
         self.log_path = log_path
@@ -144,8 +142,7 @@ class TritonServer:
             if self._stopped:
                 raise RuntimeError("tritonserver was stopped")
             self.process = subprocess.Popen(self.command(), env=self.deployment.environment(triton_environment()),
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                            preexec_fn=on_cpus(self.cpus))
+                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import io
-import os
 import re
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import av
 import httpx
@@ -23,10 +21,7 @@ from tests.hf_reference import hf_generate
 from tests.test_engine_metrics import settled_metrics
 from vlmserve.media.decode import decode_video
 from vlmserve.media.preprocessing import VisionPreprocessor
-from launcher.lifecycle import descendants, parent_pids
 from launcher.triton_server import REPO_ROOT
-from vlmserve.llm_serving.cpu_binding import bound_cpus
-from vlmserve.llm_serving.engine_config import EngineConfig
 
 MAX_TOKENS = 24
 
@@ -185,26 +180,6 @@ def test_models_and_health(stack, client):
     assert all(triton.is_model_ready(name) for name in ("preprocess", "vit", "llm", "vlm"))
     assert [m.id for m in client.models.list().data] == ["tiny-qwen2-vl"]
     assert httpx.get(stack.proxy.base_url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
-
-
-def test_vllm_workers_have_their_cores_and_nothing_else_runs_there(vllm_stack):
-    binding = EngineConfig.read(vllm_stack.triton.model_repository / "llm" / "1").cpu_binding
-    bound = bound_cpus(binding)
-    if not bound:
-        pytest.skip(f"binding {binding!r}: this host has too few CPUs to give vLLM's worker cores of its own")
-    parents = parent_pids()
-    llm = next(stub.pid for stub in vllm_stack.triton.stub_instances().values() if stub.model == "llm")
-    started_by_vllm = descendants(llm, parents) - {llm}  # its engine core may run anywhere, as in vLLM's server
-    workers = [pid for pid in started_by_vllm if Path(f"/proc/{pid}/comm").read_text().startswith("VLLM::Worker")]
-    assert len(workers) == 1 and os.sched_getaffinity(workers[0]) <= bound  # its OpenMP master thread
-    ours = descendants(vllm_stack.triton.process.pid, parents) - started_by_vllm | {vllm_stack.proxy.process.pid}
-    for pid in ours:
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            try:
-                cpus = os.sched_getaffinity(int(tid))
-            except ProcessLookupError:  # a thread that has just ended
-                continue
-            assert not cpus & bound, (Path(f"/proc/{pid}/comm").read_text(), tid, cpus)
 
 
 def test_grpc_command_line_client_streams_an_image_chat(stack, tmp_path):

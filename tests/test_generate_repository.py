@@ -14,7 +14,6 @@ from export.generate_repository import (
     generate_repository,
 )
 from export.build_trt_engine import write_profile
-from vlmserve.llm_serving.cpu_binding import default_binding, frontend_cpus, parse_binding
 from vlmserve.llm_serving.engine_config import EngineConfig
 from vlmserve.media.settings import MediaSettings
 from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL
@@ -171,35 +170,3 @@ def test_settings_the_tensorrt_profile_cannot_run_are_refused_at_generation(tmp_
     (tmp_path / "vit.plan.profile.json").unlink()
     with pytest.raises(ValueError, match="no readable profile record"):
         generate(plan)
-
-
-def test_vllm_workers_get_cores_of_their_own_on_cpu(tmp_path, monkeypatch):
-    assert default_binding(range(16), cores=0, tensor_parallel_size=1) == "0,1,2,3,4,5,6,7"
-    assert default_binding(range(16), cores=8, tensor_parallel_size=2) == "0,1,2,3|4,5,6,7"
-    assert default_binding({5, 4, 7, 6}, cores=2, tensor_parallel_size=1) == "4,5"
-    assert default_binding([0, 1], cores=1, tensor_parallel_size=1) == "0"
-    assert default_binding([3], cores=0, tensor_parallel_size=1) == "auto"  # one CPU: nothing to split
-    assert default_binding(range(4), cores=4, tensor_parallel_size=1) == "auto"  # none left for the rest
-    assert default_binding(range(4), cores=1, tensor_parallel_size=2) == "auto"  # a rank without a core
-    assert parse_binding("0-3|4,5,6,7") == [[0, 1, 2, 3], [4, 5, 6, 7]]
-    assert parse_binding("auto") == parse_binding("nobind") == []
-    assert frontend_cpus("0-3|4-7", range(12)) == {8, 9, 10, 11}
-    assert frontend_cpus("auto", range(12)) is None and frontend_cpus("0-3", range(4)) is None
-
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
-    onnx = tmp_path / "vit.onnx"
-    onnx.write_bytes(b"onnx")
-
-    def binding(name: str, **options) -> str:
-        repo = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / name, vit_onnx=onnx,
-                                                     **options))
-        return EngineConfig.read(repo / "llm" / "1").cpu_binding
-
-    assert binding("default") == "0,1,2,3"
-    assert binding("two", llm_threads=2) == "0,1"
-    assert binding("tp", tensor_parallel_size=2) == "0,1|2,3"
-    assert binding("theirs", llm_cpu_binding="auto") == "auto"
-    assert binding("native", llm_engine="native") == ""  # its threads are not bound: nothing to keep off
-    gpu = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "gpu", target="gpu",
-                                                vit_engine=fake_plan(tmp_path)))
-    assert EngineConfig.read(gpu / "llm" / "1").cpu_binding == ""

@@ -22,14 +22,11 @@ class EngineConfig:
     vllm: vLLM's AsyncEngineArgs fields (model, dtype, tensor_parallel_size, gpu_memory_utilization,
     max_model_len, kv_cache_memory_bytes, enforce_eager, quantization, enable_prefix_caching, ...).
     native: vlmserve.engine.LLMEngine's keyword arguments, plus torch_threads; `checkpoint` is the model.
-    `cpu_binding` (vllm on a CPU host): the cores its workers bind, in VLLM_CPU_OMP_THREADS_BIND's syntax;
-    the rest of the stack then runs on the other cores (vlmserve.llm_serving.cpu_binding). Empty: vLLM's own.
     """
 
     engine: str
     checkpoint: str
     args: dict = field(default_factory=dict)
-    cpu_binding: str = ""
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -49,7 +46,7 @@ class EngineConfig:
         if self.engine == "vllm":
             from vlmserve.llm_serving.vllm_engine import VllmEngine
 
-            return lambda on_output: VllmEngine({"model": self.checkpoint, **self.args}, on_output, self.cpu_binding)
+            return lambda on_output: VllmEngine({"model": self.checkpoint, **self.args}, on_output)
         from vlmserve.llm_serving.native_engine import NativeEngine
 
         return lambda on_output: NativeEngine(self.checkpoint, self.args, on_output)

@@ -19,7 +19,6 @@ import torch
 from vlmserve.engine.sampling import SamplingParams as CheckedSampling
 from vlmserve.engine.stats import EngineStats
 from vlmserve.errors import InvalidRequest
-from vlmserve.llm_serving.cpu_binding import engine_processes_bound
 from vlmserve.llm_serving.engine import OutputCallback
 from vlmserve.llm_serving.request import GenerationRequest, TokenChunk, TokenLogprobs, check_media
 
@@ -98,9 +97,8 @@ def engine_args(args: dict):
 class VllmEngine:
     """AsyncLLM with `args` passed through whole as AsyncEngineArgs (model, dtype, tensor_parallel_size, ...)."""
 
-    def __init__(self, args: dict, on_output: OutputCallback, cpu_binding: str = "") -> None:
+    def __init__(self, args: dict, on_output: OutputCallback) -> None:
         self.on_output = on_output
-        self.cpu_binding = cpu_binding
         self.stats = EngineStats()
         self.kv_usage = 0.0
         self._requests: dict[str, asyncio.Task | None] = {}
@@ -115,8 +113,7 @@ class VllmEngine:
     async def _create(self, args: dict):
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        with engine_processes_bound(self.cpu_binding):  # the engine core process starts from this thread
-            return AsyncLLM.from_engine_args(engine_args(args), stat_loggers=[self._stat_logger_factory()])
+        return AsyncLLM.from_engine_args(engine_args(args), stat_loggers=[self._stat_logger_factory()])
 
     def _stat_logger_factory(self):
         from vllm.v1.metrics.loggers import StatLoggerBase
