@@ -143,7 +143,7 @@ def sample_indices(
     frame, as vLLM does.
     """
     upper = math.floor(min(max_frames, total_frames) / FRAME_FACTOR) * FRAME_FACTOR
-    wanted = min(max(total_frames / video_fps * fps, min_frames), upper, total_frames)
+    wanted = min(max(total_frames / video_fps * fps, min_frames), upper)  # upper <= total_frames
     nframes = math.floor(wanted / FRAME_FACTOR) * FRAME_FACTOR
     if nframes < FRAME_FACTOR:
         raise MediaError(
