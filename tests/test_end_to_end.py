@@ -133,6 +133,7 @@ def _metric(stack, name: str) -> float:
 
 
 def test_eight_concurrent_streams_are_batched(stack, media_server):
+    answer_tokens = 1024
     url = media_server.add("concurrent.png", png_bytes(56, 56, seed=3))
     client = openai.AsyncOpenAI(base_url=stack.proxy.base_url, api_key="unused", max_retries=0, timeout=120)
 
@@ -142,7 +143,10 @@ def test_eight_concurrent_streams_are_batched(stack, media_server):
             content.append({"type": "image_url", "image_url": {"url": url}})
         stream = await client.chat.completions.create(
             model="tiny-qwen2-vl", messages=[{"role": "user", "content": content}], stream=True,
-            stream_options={"include_usage": True}, temperature=0, max_tokens=32)
+            stream_options={"include_usage": True}, temperature=0, max_tokens=answer_tokens,
+            # Answers of a fixed length that outlast the spread of the eight arrivals (an image request
+            # arrives later than a text one), so the overlap does not depend on where the model stops.
+            extra_body={"ignore_eos": True})
         text, usage = "", None
         async for chunk in stream:
             usage = chunk.usage or usage
@@ -157,7 +161,7 @@ def test_eight_concurrent_streams_are_batched(stack, media_server):
 
     steps_before = _metric(stack, "vlm_llm_steps_total")
     results = asyncio.run(run_all())
-    assert all(count > 0 for _, count in results)
+    assert [count for _, count in results] == [answer_tokens] * 8
     settled = settled_metrics(stack, steps_before)
     assert settled["vlm_llm_max_batch_size"] >= 4
     assert settled["vlm_llm_batched_sequences_total"] > settled["vlm_llm_steps_total"], \
