@@ -13,7 +13,7 @@ from pathlib import Path
 from export.generate_repository import RepositoryOptions, generate_repository
 from export.vision_onnx import export_vision_onnx
 from launcher.lifecycle import Deployment
-from launcher.processes import listening_socket, open_log, stop_process, wait_healthy
+from launcher.processes import OWN_GROUP, listening_socket, open_log, stop_process, wait_healthy
 from launcher.supervisor import Supervisor
 from launcher.triton_server import REPO_ROOT, ServerExited, TritonPorts, TritonServer, triton_environment
 
@@ -55,7 +55,7 @@ class ProxyProcess:
                 [sys.executable, "-m", "openai_proxy", "--triton-url", self.triton_grpc_url,
                  "--fd", str(sock.fileno()), "--served-model-name", self.model_name, *self.extra_args],
                 cwd=REPO_ROOT, env=self.deployment.environment(env) if self.deployment else env, stdout=log,
-                stderr=subprocess.STDOUT, start_new_session=True, pass_fds=(sock.fileno(),))
+                stderr=subprocess.STDOUT, process_group=OWN_GROUP, pass_fds=(sock.fileno(),))
         wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", timeout_s, "proxy", self.log_path)
 
     def lose_requests_in_flight(self) -> None:

@@ -21,7 +21,7 @@ import httpx
 import tritonclient.grpc as grpcclient
 
 from launcher.lifecycle import Deployment, parent_pids
-from launcher.processes import free_ports, open_log
+from launcher.processes import OWN_GROUP, free_ports, open_log
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -141,8 +141,9 @@ class TritonServer:
         with self._lock, open_log(self.log_path) as log:
             if self._stopped:
                 raise RuntimeError("tritonserver was stopped")
+            # A process group of its own (what `kill` finds), in our session: see launcher.processes.OWN_GROUP.
             self.process = subprocess.Popen(self.command(), env=self.deployment.environment(triton_environment()),
-                                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                            stdout=log, stderr=subprocess.STDOUT, process_group=OWN_GROUP)
         self.wait_ready(timeout_s)
 
     def wait_ready(self, timeout_s: float) -> None:

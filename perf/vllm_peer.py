@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from perf.stream_client import Target
-from launcher.processes import stop_process, wait_healthy
+from launcher.processes import OWN_GROUP, stop_process, wait_healthy
 from launcher.triton_server import REPO_ROOT
 
 VLLM = "vLLM"
@@ -46,7 +46,7 @@ class VLLMServer:
                    "--stream-interval", str(self.stream_interval)]
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(command, cwd=REPO_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
+                                            process_group=OWN_GROUP)
         try:
             wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", timeout_s, VLLM, self.log_path)
         except Exception:

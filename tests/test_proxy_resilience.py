@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import random
 import signal
 
 import httpx
@@ -76,6 +77,39 @@ def test_twenty_streams_closed_mid_generation_free_the_engine(stack):
     assert steps_until_idle(stack, asyncio.run(run(give_up_waiting))) < 200
     ok = httpx.post(stack.proxy.base_url + "/chat/completions", timeout=60, json={**LONG, "max_tokens": 4})
     assert ok.status_code == 200 and ok.json()["usage"]["completion_tokens"] > 0
+
+
+async def leave_at(client: httpx.AsyncClient, url: str, rng: random.Random) -> None:
+    """A stream whose client goes away at a point `rng` picks: before the response has started (the proxy
+    still fetching, encoding or waiting for the first token), or after reading some of the answer."""
+    sending = asyncio.ensure_future(client.send(client.build_request("POST", url, json={**LONG, "stream": True}),
+                                                stream=True))
+    if rng.random() < 0.3:
+        await asyncio.sleep(rng.uniform(0, 0.3))
+        if not sending.done():
+            sending.cancel()
+            await asyncio.gather(sending, return_exceptions=True)
+            return
+    response = await sending
+    lines = response.aiter_lines()
+    for _ in range(rng.randint(0, 40)):
+        if await anext(lines, None) is None:
+            break
+    await response.aclose()
+
+
+def test_streams_closed_at_any_point_free_the_engine(stack):
+    # The twenty-stream test above closes every stream at the same point; here each leaves at its own,
+    # three rounds of twenty, and each round's last cancellations must stop the engine within a few steps.
+    async def round_of(seed: int) -> float:
+        rng = random.Random(seed)
+        async with httpx.AsyncClient(timeout=60) as client:
+            url = stack.proxy.base_url + "/chat/completions"
+            await asyncio.gather(*(leave_at(client, url, random.Random(rng.random())) for _ in range(20)))
+        return _metric(stack, "vlm_llm_steps_total")
+
+    for seed in range(3):
+        assert steps_until_idle(stack, asyncio.run(round_of(seed))) < 200, f"round {seed}"
 
 
 @pytest.fixture
