@@ -22,7 +22,7 @@ from tests.hf_reference import hf_generate
 from tests.test_engine_metrics import settled_metrics
 from vlmserve.media.decode import decode_video
 from vlmserve.media.preprocessing import VisionPreprocessor
-from launcher.lifecycle import parent_pids
+from launcher.lifecycle import descendants, parent_pids
 from launcher.triton_server import REPO_ROOT
 
 MAX_TOKENS = 24
@@ -191,18 +191,12 @@ def test_models_and_health(stack, client):
 def test_servers_share_our_session_in_process_groups_of_their_own(stack):
     # One session, so that the kernel's autogroup does not schedule vLLM's engine as a group against the
     # proxy or the client (see launcher.processes.OWN_GROUP); a group each, so that a stop ends each whole.
-    parents = parent_pids()
-    server = stack.triton.process.pid
-    descendants, frontier = [], [server]
-    while frontier:
-        children = [pid for pid, ppid in parents.items() if ppid in frontier]
-        descendants += children
-        frontier = children
-    assert len(descendants) >= 5, "a stub per model (and vLLM's engine core and worker, with that engine)"
-    for pid in (server, stack.proxy.process.pid, *descendants):
+    server, proxy = stack.triton.process.pid, stack.proxy.process.pid
+    tree = descendants(server, parent_pids())
+    assert len(tree) >= 6, "the server, a stub per model (and vLLM's engine core and worker, with that engine)"
+    for pid in (*tree, proxy):
         assert os.getsid(pid) == os.getsid(0), pid
-    assert os.getpgid(server) == server and os.getpgid(stack.proxy.process.pid) == stack.proxy.process.pid
-    assert all(os.getpgid(pid) == server for pid in descendants)
+    assert all(os.getpgid(pid) == server for pid in tree) and os.getpgid(proxy) == proxy
 
 
 def test_grpc_command_line_client_streams_an_image_chat(stack, tmp_path):
