@@ -17,6 +17,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from vlmserve.contracts import VLM, invalid_request_message
+from vlmserve.vlm_settings import VlmSettings
 
 
 class TritonError(RuntimeError):
@@ -80,21 +81,38 @@ def _transport_error(exc: grpc.RpcError | InferenceServerException) -> TritonErr
     return TritonError(f"Triton stream failed: {message}")
 
 
+def _one_string(raw: bytes) -> str:
+    """The element of a one-element BYTES tensor in Triton's raw form (4-byte length, then the bytes)."""
+    return raw[4:].decode("utf-8")
+
+
+def _utf8(raw: bytes) -> str:
+    """A UINT8 tensor of UTF-8 text in Triton's raw form (the bytes themselves)."""
+    return raw.decode("utf-8")
+
+
+def _one_int(raw: bytes) -> int:
+    return int.from_bytes(raw[:4], "little", signed=True)
+
+
 def _chunk(result: grpcclient.InferResult) -> GenerationChunk | None:
-    text = result.as_numpy(VLM.TEXT.name)
+    # Read from the response message itself: every token passes here, and the tensors are one element each.
+    response = result.get_response()
+    raw = dict(zip((output.name for output in response.outputs), response.raw_output_contents))
+    text = raw.get(VLM.TEXT.name)
     if text is None:  # the empty final response
         return None
-    logprobs = result.as_numpy(VLM.LOGPROBS.name)
-    logprobs = None if logprobs is None else json.loads(logprobs[0])
-    finish_reason = result.as_numpy(VLM.FINISH_REASON.name)
+    logprobs = raw.get(VLM.LOGPROBS.name)
+    logprobs = None if logprobs is None else json.loads(_utf8(logprobs))
+    finish_reason = raw.get(VLM.FINISH_REASON.name)
     if finish_reason is None:
-        return GenerationChunk(text[0].decode("utf-8"), None, 0, 0, logprobs=logprobs)
+        return GenerationChunk(_utf8(text), None, 0, 0, logprobs=logprobs)
     return GenerationChunk(
-        text=text[0].decode("utf-8"),
-        finish_reason=finish_reason[0].decode("utf-8"),
-        prompt_tokens=int(result.as_numpy(VLM.PROMPT_TOKENS.name)[0]),
-        completion_tokens=int(result.as_numpy(VLM.COMPLETION_TOKENS.name)[0]),
-        cached_tokens=int(result.as_numpy(VLM.CACHED_TOKENS.name)[0]),
+        text=_utf8(text),
+        finish_reason=_one_string(finish_reason),
+        prompt_tokens=_one_int(raw[VLM.PROMPT_TOKENS.name]),
+        completion_tokens=_one_int(raw[VLM.COMPLETION_TOKENS.name]),
+        cached_tokens=_one_int(raw[VLM.CACHED_TOKENS.name]),
         logprobs=logprobs,
     )
 
@@ -104,6 +122,7 @@ class TritonVLMClient:
 
     def __init__(self, url: str) -> None:
         self._client = grpcclient.InferenceServerClient(url)
+        self._settings: VlmSettings | None = None
 
     async def __aenter__(self) -> TritonVLMClient:
         return self
@@ -113,6 +132,18 @@ class TritonVLMClient:
 
     async def close(self) -> None:
         await self._client.close()
+
+    async def settings(self, timeout_s: float = 10.0) -> VlmSettings:
+        """The `vlm` model's settings as the repository set them (its served model name, its limits), read from
+        Triton once. UnavailableError while Triton cannot say."""
+        if self._settings is None:
+            try:
+                config = await self._client.get_model_config(VLM.NAME, as_json=True, client_timeout=timeout_s)
+            except InferenceServerException as exc:
+                raise UnavailableError(f"Triton is unavailable: {exc.message()}") from exc
+            params = {key: value["string_value"] for key, value in config["config"].get("parameters", {}).items()}
+            self._settings = VlmSettings.from_parameters(params)
+        return self._settings
 
     async def is_ready(self, timeout_s: float = 5.0) -> bool:
         """True when the server is live and ready and the `vlm` model is ready."""

@@ -3,8 +3,8 @@
 `cpu`: the ViT is the exported ONNX graph run by ONNX Runtime inside a Python-backend model, with a
 thread count that leaves the LLM its cores (default from os.cpu_count()).
 `gpu`: the ViT is a TensorRT plan with one instance group per GPU (`--gpus 0,1,2,3`).
-The `llm` model runs vLLM (`--llm-engine vllm`, the default) or the project's native reference engine;
-`llm/1/engine.json` holds the engine's arguments (tensor parallel size, memory, context, ...).
+The `vlm` model runs vLLM; `vlm/1/engine.json` holds the engine's arguments (tensor parallel size,
+memory, context, ...), passed through whole.
 Both targets: `vit_cache` holds ViT outputs for every `vlm` instance (`--vit-cache-mb 0` turns it off), and
 the media limits (`--max-pixels`, `--max-frames`, `--video-max-pixels`, ...) go to `preprocess` and
 `vlm` alike (`vlm` keys the cache on them). The Python models' code is copied from
@@ -25,8 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.build_trt_engine import ProcessorLimits, read_profile
-from vlmserve.contracts import LLM, PREPROCESS, VIT, VIT_CACHE, VLM, TensorSpec
-from vlmserve.llm_serving.engine_config import CONFIG_FILE, ENGINES, EngineConfig
+from vlmserve.contracts import PREPROCESS, VIT, VIT_CACHE, VLM, TensorSpec
+from vlmserve.engine.config import CONFIG_FILE, EngineConfig
 from vlmserve.media.settings import MediaSettings, capped_max_pixels
 from vlmserve.vit.settings import VitCacheSettings, VitRunnerSettings
 from vlmserve.vlm_settings import VlmSettings
@@ -36,10 +36,9 @@ SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
 MEDIA_PARAMETERS = tuple(f.name for f in dataclasses.fields(MediaSettings))
 
 
-def default_vit_cpu_threads(cpu_count: int, llm_threads: int, vit_instances: int) -> int:
-    """ONNX Runtime threads per CPU ViT instance: the cores the LLM does not use (half when unset)."""
-    llm_share = llm_threads or cpu_count // 2
-    return max(1, (cpu_count - llm_share) // vit_instances)
+def default_vit_cpu_threads(cpu_count: int, vit_instances: int) -> int:
+    """ONNX Runtime threads per CPU ViT instance: half the cores, the other half are the LLM's."""
+    return max(1, (cpu_count - cpu_count // 2) // vit_instances)
 
 
 def default_vit_max_patches(target: str) -> int:
@@ -61,54 +60,45 @@ class RepositoryOptions:
     vit_cache_mb: float = 512.0  # 0 turns the ViT embedding cache off
     media: dict[str, str] = field(default_factory=dict)  # MediaSettings overrides, e.g. {"max_frames": "64"}
     preprocess_instances: int = 2
-    # The llm model: which engine, and its settings (one EngineConfig, llm/1/engine.json). 0 / None: the
-    # engine's own default.
-    llm_engine: str = "vllm"
+    served_model_name: str | None = None  # the OpenAI API's model name; None: the checkpoint directory's name
+    # The engine's settings (one EngineConfig, vlm/1/engine.json). 0 / None: vLLM's own default.
     llm_dtype: str = "float32"
     max_model_len: int = 0
     max_num_seqs: int = 0
     max_num_batched_tokens: int = 0
     kv_block_size: int = 0  # tokens per paged KV cache block
     kv_cache_bytes: int = 0  # the KV pool; 0: DEFAULT_CPU_KV_CACHE_BYTES on cpu, a share of GPU memory on gpu
-    gpu_memory_utilization: float = 0.0  # vllm on gpu; 0: DEFAULT_GPU_MEMORY_UTILIZATION
-    kv_cache_memory_fraction: float = 0.0  # native on gpu: share of free memory for the KV pool; 0: 0.5
-    tensor_parallel_size: int = 0  # vllm; 0: one shard per GPU in `gpus` (1 on cpu)
-    enforce_eager: bool = False  # vllm: no torch.compile / CUDA graphs (starts faster, decodes slower)
-    quantization: str | None = None  # vllm: e.g. "fp8", "awq"
+    gpu_memory_utilization: float = 0.0  # on gpu; 0: DEFAULT_GPU_MEMORY_UTILIZATION
+    tensor_parallel_size: int = 0  # 0: one shard per GPU in `gpus` (1 on cpu)
+    enforce_eager: bool = False  # no torch.compile / CUDA graphs (starts faster, decodes slower)
+    quantization: str | None = None  # e.g. "fp8", "awq"
     enable_prefix_caching: bool = True
-    llm_threads: int = 0  # native: torch intra-op threads in the llm model; 0 keeps torch's default
     llm_engine_args: dict = field(default_factory=dict)  # more engine arguments, passed through as they are
 
 
-# vLLM's KV cache on a CPU host; what the native engine takes there is its own default (256 MiB).
+# vLLM's KV cache on a CPU host.
 DEFAULT_CPU_KV_CACHE_BYTES = 2 * 2**30
 # vLLM's share of each GPU's memory: what the TensorRT ViT instances on the same GPUs need stays free.
 DEFAULT_GPU_MEMORY_UTILIZATION = 0.8
 
 
 def engine_config(opts: RepositoryOptions) -> EngineConfig:
-    """The llm model's engine and its arguments, as the engine itself names them."""
-    checkpoint = str(opts.checkpoint.resolve())
-    if opts.llm_engine == "native":
-        args = {"dtype": opts.llm_dtype, "enable_prefix_caching": opts.enable_prefix_caching,
-                "max_num_seqs": opts.max_num_seqs, "max_num_batched_tokens": opts.max_num_batched_tokens,
-                "block_size": opts.kv_block_size, "kv_cache_bytes": opts.kv_cache_bytes,
-                "kv_cache_memory_fraction": opts.kv_cache_memory_fraction, "torch_threads": opts.llm_threads}
+    """The engine's arguments, as vLLM names them."""
+    on_gpu = opts.target == "gpu"
+    args = {"dtype": opts.llm_dtype, "enable_prefix_caching": opts.enable_prefix_caching,
+            "max_model_len": opts.max_model_len, "max_num_seqs": opts.max_num_seqs,
+            "max_num_batched_tokens": opts.max_num_batched_tokens, "block_size": opts.kv_block_size,
+            "enforce_eager": opts.enforce_eager, "quantization": opts.quantization,
+            "tensor_parallel_size": opts.tensor_parallel_size or (len(opts.gpus) if on_gpu else 1)}
+    if on_gpu:
+        args["gpu_memory_utilization"] = opts.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
+        if opts.kv_cache_bytes:
+            args["kv_cache_memory_bytes"] = opts.kv_cache_bytes
     else:
-        on_gpu = opts.target == "gpu"
-        args = {"dtype": opts.llm_dtype, "enable_prefix_caching": opts.enable_prefix_caching,
-                "max_model_len": opts.max_model_len, "max_num_seqs": opts.max_num_seqs,
-                "max_num_batched_tokens": opts.max_num_batched_tokens, "block_size": opts.kv_block_size,
-                "enforce_eager": opts.enforce_eager, "quantization": opts.quantization,
-                "tensor_parallel_size": opts.tensor_parallel_size or (len(opts.gpus) if on_gpu else 1)}
-        if on_gpu:
-            args["gpu_memory_utilization"] = opts.gpu_memory_utilization or DEFAULT_GPU_MEMORY_UTILIZATION
-            if opts.kv_cache_bytes:
-                args["kv_cache_memory_bytes"] = opts.kv_cache_bytes
-        else:
-            args["kv_cache_memory_bytes"] = opts.kv_cache_bytes or DEFAULT_CPU_KV_CACHE_BYTES
+        args["kv_cache_memory_bytes"] = opts.kv_cache_bytes or DEFAULT_CPU_KV_CACHE_BYTES
     args = {k: v for k, v in args.items() if v not in (0, None) or isinstance(v, bool)}
-    return EngineConfig(opts.llm_engine, checkpoint, {**args, **opts.llm_engine_args})
+    return EngineConfig(str(opts.checkpoint.resolve()), {**args, **opts.llm_engine_args})
+
 
 def _tensor(spec: TensorSpec) -> str:
     extra = " optional: true" if spec.optional else ""
@@ -154,8 +144,7 @@ def vit_config(opts: RepositoryOptions) -> str:
     if opts.target == "gpu":
         return _config(VIT, 'platform: "tensorrt_plan"', _gpu_instances(opts.gpus, opts.vit_instances_per_gpu),
                        comment=VIT_BATCHING)
-    threads = opts.vit_cpu_threads or default_vit_cpu_threads(os.cpu_count() or 1, opts.llm_threads,
-                                                              opts.vit_cpu_instances)
+    threads = opts.vit_cpu_threads or default_vit_cpu_threads(os.cpu_count() or 1, opts.vit_cpu_instances)
     settings = VitRunnerSettings(onnx_path=str(Path(opts.vit_onnx).resolve()), intra_op_threads=threads)
     return _config(VIT, 'backend: "python"', _cpu_instances(opts.vit_cpu_instances), settings.parameters(),
                    comment=VIT_BATCHING)
@@ -179,22 +168,18 @@ def vit_cache_config(opts: RepositoryOptions) -> str:
     return _config(VIT_CACHE, 'backend: "python"', _cpu_instances(1), settings.parameters())
 
 
-def llm_config(opts: RepositoryOptions) -> str:
-    # One instance: the engine batches all requests itself (and spans GPUs with tensor parallelism).
-    return _config(LLM, 'backend: "python"', _cpu_instances(1), decoupled=True,
-                   comment=f"Engine and its settings: 1/{CONFIG_FILE}")
-
-
 def vlm_config(opts: RepositoryOptions) -> str:
-    settings = VlmSettings(checkpoint_dir=str(opts.checkpoint.resolve()), max_model_len=opts.max_model_len,
+    settings = VlmSettings(checkpoint_dir=str(opts.checkpoint.resolve()),
+                           served_model_name=opts.served_model_name or opts.checkpoint.resolve().name,
                            vit_max_patches=opts.vit_max_patches or default_vit_max_patches(opts.target),
                            vit_cache=opts.vit_cache_mb > 0)
+    # One instance: the engine batches all requests itself (and spans GPUs with tensor parallelism).
     return _config(VLM, 'backend: "python"', _cpu_instances(1), {**_media_parameters(opts), **settings.parameters()},
-                   decoupled=True)
+                   decoupled=True, comment=f"The engine's settings: 1/{CONFIG_FILE}")
 
 
 CONFIGS = {PREPROCESS.NAME: preprocess_config, VIT.NAME: vit_config, VIT_CACHE.NAME: vit_cache_config,
-           LLM.NAME: llm_config, VLM.NAME: vlm_config}
+           VLM.NAME: vlm_config}
 
 
 def check_vit_profile(opts: RepositoryOptions) -> None:
@@ -228,7 +213,7 @@ def generate_repository(opts: RepositoryOptions) -> Path:
         raise ValueError("the gpu target needs --vit-engine")
     if opts.target == "gpu":
         check_vit_profile(opts)
-    config = engine_config(opts)  # checks the engine name before anything is written
+    config = engine_config(opts)
     if opts.out.exists():
         shutil.rmtree(opts.out)
     for name, make_config in CONFIGS.items():
@@ -240,7 +225,7 @@ def generate_repository(opts: RepositoryOptions) -> Path:
         if name == VIT.NAME and opts.target == "gpu":
             shutil.copy2(opts.vit_engine, version / "model.plan")
             continue
-        if name == LLM.NAME:
+        if name == VLM.NAME:
             config.write(version)
         shutil.copy2(SOURCE_REPOSITORY / name / "1" / "model.py", version / "model.py")
     return opts.out
@@ -263,24 +248,22 @@ def main(argv: list[str] | None = None) -> None:
     for name in MEDIA_PARAMETERS:
         parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help="default: vlmserve/media/settings.py")
     parser.add_argument("--preprocess-instances", type=int, default=2)
-    llm = parser.add_argument_group("llm engine (0: the engine's default)")
-    llm.add_argument("--llm-engine", choices=ENGINES, default="vllm")
+    parser.add_argument("--served-model-name", help="the OpenAI API's model name (default: the checkpoint "
+                        "directory's name)")
+    llm = parser.add_argument_group("llm engine (0: vLLM's default)")
     llm.add_argument("--llm-dtype", default=None, help="default: float32 on cpu, bfloat16 on gpu")
     llm.add_argument("--max-model-len", type=int, default=0, help="context length (default: the checkpoint's)")
     llm.add_argument("--max-num-seqs", type=int, default=0)
     llm.add_argument("--max-num-batched-tokens", type=int, default=0)
     llm.add_argument("--kv-cache-bytes", type=int, default=0,
-                     help=f"KV pool size (default: {DEFAULT_CPU_KV_CACHE_BYTES >> 30} GiB for vllm on cpu)")
+                     help=f"KV pool size (default: {DEFAULT_CPU_KV_CACHE_BYTES >> 30} GiB on cpu)")
     llm.add_argument("--kv-block-size", type=int, default=0)
     llm.add_argument("--gpu-memory-utilization", type=float, default=0.0,
-                     help=f"vllm on gpu (default {DEFAULT_GPU_MEMORY_UTILIZATION}: the rest is for the ViT)")
-    llm.add_argument("--kv-cache-memory-fraction", type=float, default=0.0,
-                     help="native on gpu: share of free memory for the KV pool when --kv-cache-bytes is 0 (0: 0.5)")
-    llm.add_argument("--tensor-parallel-size", type=int, default=0, help="vllm (default: one shard per GPU in --gpus)")
-    llm.add_argument("--enforce-eager", action="store_true", help="vllm: no torch.compile / CUDA graphs")
-    llm.add_argument("--quantization", help="vllm: e.g. fp8, awq")
-    llm.add_argument("--no-prefix-caching", action="store_true", help="turn the llm's prefix cache off")
-    llm.add_argument("--llm-threads", type=int, default=0, help="native: torch threads for the llm model")
+                     help=f"on gpu (default {DEFAULT_GPU_MEMORY_UTILIZATION}: the rest is for the ViT)")
+    llm.add_argument("--tensor-parallel-size", type=int, default=0, help="default: one shard per GPU in --gpus")
+    llm.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs")
+    llm.add_argument("--quantization", help="e.g. fp8, awq")
+    llm.add_argument("--no-prefix-caching", action="store_true", help="turn the LLM's prefix cache off")
     llm.add_argument("--llm-engine-args", type=json.loads, default={},
                      help='more engine arguments as JSON, passed through, e.g. \'{"swap_space": 8}\'')
     args = parser.parse_args(argv)
@@ -290,14 +273,13 @@ def main(argv: list[str] | None = None) -> None:
         vit_instances_per_gpu=args.vit_instances_per_gpu, vit_cpu_instances=args.vit_cpu_instances,
         vit_cpu_threads=args.vit_cpu_threads, vit_max_patches=args.vit_max_patches, vit_cache_mb=args.vit_cache_mb,
         media={name: getattr(args, name) for name in MEDIA_PARAMETERS if getattr(args, name) is not None},
-        preprocess_instances=args.preprocess_instances, llm_engine=args.llm_engine,
+        preprocess_instances=args.preprocess_instances, served_model_name=args.served_model_name,
         llm_dtype=args.llm_dtype or ("bfloat16" if args.target == "gpu" else "float32"),
         max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
         max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
         kv_block_size=args.kv_block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-        kv_cache_memory_fraction=args.kv_cache_memory_fraction, tensor_parallel_size=args.tensor_parallel_size,
-        enforce_eager=args.enforce_eager, quantization=args.quantization,
-        enable_prefix_caching=not args.no_prefix_caching, llm_threads=args.llm_threads,
+        tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
+        quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching,
         llm_engine_args=args.llm_engine_args)
     print(generate_repository(opts))
 

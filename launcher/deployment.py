@@ -36,7 +36,6 @@ class ProxyProcess:
 
     triton_grpc_url: str
     port: int
-    model_name: str
     log_path: Path | None = None
     extra_args: Sequence[str] = ()
     deployment: Deployment | None = None
@@ -53,7 +52,7 @@ class ProxyProcess:
             self.port = sock.getsockname()[1]
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "openai_proxy", "--triton-url", self.triton_grpc_url,
-                 "--fd", str(sock.fileno()), "--served-model-name", self.model_name, *self.extra_args],
+                 "--fd", str(sock.fileno()), *self.extra_args],
                 cwd=REPO_ROOT, env=self.deployment.environment(env) if self.deployment else env, stdout=log,
                 stderr=subprocess.STDOUT, process_group=OWN_GROUP, pass_fds=(sock.fileno(),))
         wait_healthy(self.process, f"http://127.0.0.1:{self.port}/health", timeout_s, "proxy", self.log_path)
@@ -89,12 +88,12 @@ class Stack:
     supervisor: Supervisor | None = None
 
     @classmethod
-    def create(cls, repository: Path, workdir: Path, model_name: str, ports: TritonPorts, proxy_port: int,
+    def create(cls, repository: Path, workdir: Path, ports: TritonPorts, proxy_port: int,
                proxy_args: Sequence[str] = (), proxy_stop_s: float = 40.0) -> Stack:
         deployment = Deployment.of(workdir)
         triton = TritonServer(repository, workdir / "tritonserver", ports, log_path=workdir / "tritonserver.log",
                               deployment=deployment)
-        proxy = ProxyProcess(triton.grpc_url, proxy_port, model_name, log_path=workdir / "proxy.log",
+        proxy = ProxyProcess(triton.grpc_url, proxy_port, log_path=workdir / "proxy.log",
                              extra_args=proxy_args, deployment=deployment)
         return cls(triton, proxy, deployment, proxy_stop_s)
 

@@ -129,7 +129,7 @@ class Deployment:
 
     def kill_orphans(self, keep_below: Iterable[int]) -> set[int]:
         """Kill this deployment's processes that are no longer below any of `keep_below` (their parent died,
-        as vLLM's EngineCore and workers outlive a killed `llm` stub); return their pids."""
+        as vLLM's EngineCore and workers outlive a killed `vlm` stub); return their pids."""
         parents = parent_pids()
         kept = set().union(*(descendants(root, parents) for root in keep_below))
         orphans = {pid for pid in parents if pid not in kept and _environ_tag(pid) == self.id}

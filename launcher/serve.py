@@ -16,7 +16,6 @@ from pathlib import Path
 
 from export.tiny_model import build_tiny_checkpoint
 from launcher.deployment import TRITON_STOP_S, Stack, prepare_cpu_repository
-from vlmserve.llm_serving.engine_config import ENGINES
 from launcher.triton_server import REPO_ROOT, TritonPorts
 
 DEFAULT_WORKDIR = REPO_ROOT / "build"
@@ -31,11 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grpc-port", type=int, default=8001)
     parser.add_argument("--metrics-port", type=int, default=8002)
     parser.add_argument("--http-port", type=int, default=8010, help="Triton HTTP port")
-    parser.add_argument("--served-model-name", default=None)
-    parser.add_argument("--llm-engine", choices=ENGINES, default="vllm",
-                        help="vllm, or the project's native reference engine")
-    parser.add_argument("--llm-threads", type=int, default=0,
-                        help="native engine: torch threads (default: torch's; 1 for the small checkpoint)")
+    parser.add_argument("--served-model-name", default=None, help="default: the checkpoint directory's name")
     parser.add_argument("--shutdown-grace-s", type=float, default=4.0,
                         help="on Ctrl-C/SIGTERM, how long requests in flight may still run; everything has "
                              f"stopped {STOP_MARGIN_S:g} s after it at most")
@@ -50,13 +45,11 @@ def main(argv: list[str] | None = None) -> None:
             build_tiny_checkpoint(checkpoint)
     checkpoint = checkpoint.resolve()
     deploy_dir = args.workdir / "deploy" / checkpoint.name
-    llm_threads = args.llm_threads or (1 if args.checkpoint is None else 0)
-    repository = prepare_cpu_repository(checkpoint, deploy_dir, llm_engine=args.llm_engine, llm_threads=llm_threads)
+    repository = prepare_cpu_repository(checkpoint, deploy_dir, served_model_name=args.served_model_name)
     # The proxy drains for the grace period, then gets a second to exit before it is killed; tritonserver
     # gets TRITON_STOP_S after that (Stack.stop): within STOP_MARGIN_S together.
-    stack = Stack.create(repository, deploy_dir, args.served_model_name or checkpoint.name,
-                         TritonPorts(args.http_port, args.grpc_port, args.metrics_port), args.port,
-                         [*proxy_args, "--shutdown-grace-s", str(args.shutdown_grace_s)],
+    stack = Stack.create(repository, deploy_dir, TritonPorts(args.http_port, args.grpc_port, args.metrics_port),
+                         args.port, [*proxy_args, "--shutdown-grace-s", str(args.shutdown_grace_s)],
                          proxy_stop_s=args.shutdown_grace_s + 1)
     # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored. Set before the
     # start, so that a Ctrl-C during it still stops what has started.
@@ -65,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         stack.start()
         print(f"Triton gRPC   127.0.0.1:{args.grpc_port}  (metrics http://127.0.0.1:{args.metrics_port}/metrics)")
-        print(f"OpenAI API    {stack.proxy.base_url}  model={stack.proxy.model_name}")
+        print(f"OpenAI API    {stack.proxy.base_url}  model={args.served_model_name or checkpoint.name}")
         print(f"Logs          {deploy_dir}/tritonserver.log, {deploy_dir}/proxy.log   (Ctrl-C stops)", flush=True)
         while stack.running():
             time.sleep(1)

@@ -6,17 +6,13 @@ server from the process that started them. A model whose stub is gone is unloade
 through the repository API (strict readiness makes the server not-ready meanwhile, so health checks
 say so); processes the dead stub left behind (vLLM's engine core and workers) are killed first.
 
-A dead `llm` stub needs more: the backend never ends the requests it had in flight, so whoever waits
-on them would wait forever. The `vlm` model, which calls every other model, is killed and reloaded
-too (its coroutines and stream-reading threads waiting on a dead `llm` are freed no other way), and
-`on_requests_lost` tells the proxy, which answers its requests in flight with a 503 at once.
+A dead decoupled stub (`vlm`, which owns the LLM engine) needs more: the backend never ends the
+requests it had in flight, so whoever waits on them would wait forever. `on_requests_lost` tells the
+proxy, which answers its requests in flight with a 503 at once. A dead non-decoupled stub (`vit`,
+`preprocess`, `vit_cache`) fails the calls in flight, which `vlm` answers with 503 itself.
 
-A dead `vlm` stub takes the whole server down with it: the backend hands each response of the `llm`
-streams it had open to its stub and waits until the stub has taken it, and a dead stub never does.
-That wait, in a tritonserver thread, stops every later `llm` response too, and nothing ends it
-short of stopping the server. So the server is restarted, as when it dies itself or a reload fails:
-killed with its whole process group and started again on the same ports (the proxy's streams fail
-by themselves).
+When tritonserver dies, or a reload fails, the server is restarted: killed with its whole process group
+and started again on the same ports (the proxy's streams fail by themselves).
 """
 
 from __future__ import annotations
@@ -27,7 +23,6 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 from launcher.triton_server import TritonServer
-from vlmserve.contracts import VLM
 
 logger = logging.getLogger(__name__)
 
@@ -91,20 +86,13 @@ class Supervisor:
         models = sorted({model for name, model in self._models.items() if name not in live})
         if not models:
             return
-        if VLM.NAME in models:
-            logger.error("backend process of %s died; restarting tritonserver", ", ".join(models))
-            self._restart_server()
-            return
         logger.error("backend process of %s died; reloading", ", ".join(models))
         if any(self.triton.is_decoupled(model) for model in models):
-            logger.error("reloading %s too: it waits on requests the dead process never ends", VLM.NAME)
-            self.triton.deployment.kill(stub.pid for stub in live.values() if stub.model == VLM.NAME)
-            models.append(VLM.NAME)
             self.on_requests_lost()
         orphans = self.triton.deployment.kill_orphans([self.triton.process.pid, *self.keep()])
         if orphans:
             logger.info("killed %d processes the dead stub left behind", len(orphans))
-        with ThreadPoolExecutor(len(models)) as reloads:  # Triton loads models in parallel: `llm` and `vlm` at once
+        with ThreadPoolExecutor(len(models)) as reloads:  # Triton loads models in parallel
             list(reloads.map(self.triton.reload_model, models))
         # The backend leaves a dead stub's region in /dev/shm when it starts a new one, and a live instance of
         # the same model that the reload stopped may leave its own: once every stub is up again, no region of

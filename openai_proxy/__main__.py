@@ -1,6 +1,9 @@
 """Run the OpenAI-compatible proxy:
 
-    python -m openai_proxy --triton-url 127.0.0.1:8001 --host 127.0.0.1 --port 8000 --served-model-name qwen2-vl
+    python -m openai_proxy --triton-url 127.0.0.1:8001 --host 127.0.0.1 --port 8000
+
+The model name it serves and how many images and videos one request may carry are the `vlm` model's
+settings (the repository's), read from Triton.
 
 Media URLs that resolve to loopback, private or link-local addresses are refused unless allowed with
 --allow-media-network CIDR (repeatable) or --allow-private-media-urls.
@@ -24,6 +27,7 @@ from openai_proxy.address_guard import parse_networks
 from openai_proxy.app import create_app
 from openai_proxy.lifetimes import RequestLifetimes
 from openai_proxy.settings import Settings
+from vlmserve.priority import lower_priority
 
 # uvicorn's own shutdown deadline, past our grace period: then it cancels whatever still runs.
 UVICORN_SHUTDOWN_MARGIN_S = 10.0
@@ -55,8 +59,6 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--fd", type=int, default=None,
                         help="serve on this inherited listening socket instead of binding --host/--port")
-    parser.add_argument("--served-model-name", default=defaults.served_model_name,
-                        help="the model name clients send and /v1/models lists")
     parser.add_argument("--api-key", default=os.environ.get("VLM_API_KEY") or None,
                         help="require `Authorization: Bearer KEY` on /v1 routes (default: $VLM_API_KEY; unset: open)")
     parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
@@ -67,7 +69,6 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
                         help="time limit of one request, media fetching and generation included")
     parser.add_argument("--shutdown-grace-s", type=float, default=defaults.shutdown_grace_s,
                         help="on SIGTERM/SIGINT, how long requests in flight may still run")
-    parser.add_argument("--max-media-per-request", type=int, default=defaults.max_media_per_request)
     parser.add_argument("--max-media-bytes", type=int, default=defaults.max_media_bytes,
                         help="size limit of one image or video")
     parser.add_argument("--media-timeout-s", type=float, default=defaults.media_timeout_s,
@@ -76,6 +77,9 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
                         help="fetch media from any address, loopback and private networks included")
     parser.add_argument("--allow-media-network", action="append", default=[], metavar="CIDR",
                         help="fetch media from this network even if it is not public (repeatable)")
+    parser.add_argument("--niceness", type=int, default=10,
+                        help="run at this much lower priority (nice), as the vlm model's own threads do: on a host "
+                             "with few cores the LLM engine then never waits for what only carries its output")
     parser.add_argument("--log-level", default="info")
     args = parser.parse_args(argv)
     try:
@@ -84,10 +88,10 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
         parser.error(f"--allow-media-network: {exc}")
 
     settings = Settings(
-        triton_url=args.triton_url, served_model_name=args.served_model_name, api_key=args.api_key,
+        triton_url=args.triton_url, api_key=args.api_key,
         max_request_bytes=args.max_request_bytes, max_concurrent_requests=args.max_concurrent_requests,
         request_timeout_s=args.request_timeout_s, shutdown_grace_s=args.shutdown_grace_s,
-        max_media_per_request=args.max_media_per_request, max_media_bytes=args.max_media_bytes,
+        max_media_bytes=args.max_media_bytes,
         media_timeout_s=args.media_timeout_s, allow_private_media_urls=args.allow_private_media_urls,
         allowed_media_networks=tuple(args.allow_media_network))
     return settings, args
@@ -95,6 +99,7 @@ def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Na
 
 def main(argv: list[str] | None = None) -> None:
     settings, args = parse_settings(argv)
+    lower_priority(args.niceness)  # threads started later inherit it
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

@@ -14,7 +14,7 @@ from openai_proxy.disconnect import cancel_on_disconnect
 from openai_proxy.lifetimes import RequestLifetimes
 from openai_proxy.metrics import CLIENT_CLOSED_REQUEST, ProxyMetrics
 from openai_proxy.responses import ResponseFormat, closing_all, collect
-from openai_proxy.streaming import sse_response
+from openai_proxy.streaming import EventStream
 
 # One stream per choice (n of them).
 Start = Callable[[], Awaitable[Sequence[AsyncIterator[GenerationChunk]]]]
@@ -45,14 +45,14 @@ async def run_generation(request: Request, start: Start, fmt: ResponseFormat, st
     deadline = lifetimes.new_deadline()
     response = Response(status_code=CLIENT_CLOSED_REQUEST)  # stays if the client goes away; nobody reads it
     with lifetimes.bounded(deadline) as lifetime:
-        async with cancel_on_disconnect(request):
+        async with cancel_on_disconnect(request.receive):
             streams = await start()
             async with closing_all(streams) as closing:  # closed here unless the SSE response takes them over
                 firsts = await _first_chunks(streams)
                 metrics.time_to_first_token.labels(request.url.path).observe(time.perf_counter() - started)
                 if stream:
                     closing.pop_all()
-                    response = sse_response(firsts, streams, fmt, include_usage, lifetimes, deadline, metrics)
+                    response = EventStream(firsts, streams, fmt, include_usage, lifetimes, deadline, metrics)
                 else:
                     response = JSONResponse((await collect(firsts, streams, fmt)).model_dump(mode="json"))
     if lifetime.cut_off:

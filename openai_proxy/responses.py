@@ -8,6 +8,7 @@ its API around them. `collect` and `stream_payloads` do the rest for both.
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -41,6 +42,9 @@ class ChoiceBuilder(Protocol):
     def add(self, chunk: GenerationChunk) -> list[BaseModel]:
         """Take the next chunk; return the stream objects it makes (its finish included)."""
 
+    def payloads(self, chunk: GenerationChunk, exclude: set[str] | None) -> list[str]:
+        """Take the next chunk; return the stream objects it makes, serialized."""
+
     def whole(self) -> BaseModel:
         """The choice of the whole answer, once every chunk is in."""
 
@@ -59,6 +63,25 @@ class ResponseFormat(Protocol):
 
 def _now() -> int:
     return int(time.time())
+
+
+class TextPayloads:
+    """Serialized stream objects that differ only in one text field, for the chunks that are text and nothing
+    else (most of a stream): the object is serialized once around a marker, and each chunk's JSON-encoded text
+    goes in its place, instead of building and dumping the objects for every token."""
+
+    MARK = "\x00"
+
+    def __init__(self, template: BaseModel, exclude: set[str] | None) -> None:
+        self.exclude = exclude
+        self.prefix, self.suffix = template.model_dump_json(exclude=exclude).split(json.dumps(self.MARK))
+
+    def __call__(self, text: str) -> str:
+        return self.prefix + json.dumps(text, ensure_ascii=False) + self.suffix
+
+
+def _serialized(items: list[BaseModel], exclude: set[str] | None) -> list[str]:
+    return [item.model_dump_json(exclude=exclude) for item in items]
 
 
 def _held_prefix(text: str, marker: str) -> int:
@@ -85,6 +108,17 @@ class ChatChoice:
     sent: int = 0  # how much of text went out as content ("auto": up to a possible call)
     holding: bool = False  # "auto": a call began, the rest waits for the end
     call_id: str | None = None  # "named": the call, once its first delta went out
+    plain: TextPayloads | None = None
+
+    def payloads(self, chunk: GenerationChunk, exclude: set[str] | None) -> list[str]:
+        if self.tool_mode != "none" or self.logprobs or chunk.finish_reason is not None:
+            return _serialized(self.add(chunk), exclude)
+        # Content and nothing else, the most of every stream.
+        self.text += chunk.text
+        if self.plain is None or self.plain.exclude != exclude:
+            self.plain = TextPayloads(self.fmt.chunk([ChunkChoice(index=self.index, delta=Delta(
+                content=TextPayloads.MARK))]), exclude)
+        return [self.plain(chunk.text)] if chunk.text else []
 
     def add(self, chunk: GenerationChunk) -> list[ChatCompletionChunk]:
         self.text += chunk.text
@@ -196,6 +230,17 @@ class TextChoice:
     entries: list[dict] = field(default_factory=list)
     finish_reason: str | None = None
     started: bool = False
+    plain: TextPayloads | None = None
+
+    def payloads(self, chunk: GenerationChunk, exclude: set[str] | None) -> list[str]:
+        if not self.started or self.fmt.logprobs is not None or chunk.finish_reason is not None:
+            return _serialized(self.add(chunk), exclude)
+        # Text and nothing else, the most of every stream.
+        self.text += chunk.text
+        if self.plain is None or self.plain.exclude != exclude:
+            self.plain = TextPayloads(self.fmt.object([CompletionChoice(index=self.index, text=TextPayloads.MARK)]),
+                                      exclude)
+        return [self.plain(chunk.text)] if chunk.text else []
 
     def add(self, chunk: GenerationChunk) -> list[TextCompletion]:
         echo = "" if self.started else self.fmt.echo or ""
@@ -325,12 +370,12 @@ async def stream_payloads(firsts: Sequence[GenerationChunk], rests: Sequence[Asy
     for item in fmt.opening(len(firsts)):
         yield item.model_dump_json(exclude=exclude)
     for choice, first in zip(choices, firsts):
-        for item in choice.add(first):
-            yield item.model_dump_json(exclude=exclude)
+        for payload in choice.payloads(first, exclude):
+            yield payload
     async for index, chunk in merged(rests):
         lasts[index] = chunk
-        for item in choices[index].add(chunk):
-            yield item.model_dump_json(exclude=exclude)
+        for payload in choices[index].payloads(chunk, exclude):
+            yield payload
     if include_usage:
         yield fmt.usage(_usage(lasts)).model_dump_json()
     yield DONE

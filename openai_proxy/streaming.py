@@ -1,59 +1,63 @@
-"""A streamed completion as an SSE response, its generation bounded by the request's deadline.
+"""A streamed completion as Server-Sent Events, written straight to the connection.
 
-The generation runs in its own task (sse-starlette's data sender) and hands payloads over through a
-memory stream: a deadline can then cancel it cleanly, which a cancel scope spanning the `yield`s of
-the body iterator could not do, and the stream still ends with an error event the client can read.
+Each payload goes out as one `data:` event in one ASGI message, from the task that reads the Triton
+streams: no task or queue per stream between them. The generation is bounded by the request's deadline
+and stops when the client goes away; a failure after the stream has started cannot change the HTTP
+status any more, so it goes out as a last event holding an OpenAI error object.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 
-import anyio
-from sse_starlette import EventSourceResponse
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from client.triton_vlm import GenerationChunk
+from openai_proxy.disconnect import cancel_on_disconnect
 from openai_proxy.errors import APIError, to_api_error
 from openai_proxy.lifetimes import RequestLifetimes
 from openai_proxy.metrics import ProxyMetrics
 from openai_proxy.responses import ResponseFormat, closing_all, stream_payloads
 
-# sse-starlette force-cancels streams this long after the drain starts; ours end (with an error event) first.
-SHUTDOWN_MARGIN_S = 5.0
+HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-store"),
+           (b"x-accel-buffering", b"no")]
 
 
-def sse_response(firsts: Sequence[GenerationChunk], rests: Sequence[AsyncIterator[GenerationChunk]],
+def _event(payload: str) -> dict:
+    return {"type": "http.response.body", "body": b"data: " + payload.encode() + b"\n\n", "more_body": True}
+
+
+class EventStream(Response):
+    """The response of a streamed completion: each choice's first chunk, then the rest."""
+
+    media_type = "text/event-stream"
+
+    def __init__(self, firsts: Sequence[GenerationChunk], rests: Sequence[AsyncIterator[GenerationChunk]],
                  fmt: ResponseFormat, include_usage: bool, lifetimes: RequestLifetimes, deadline: float,
-                 metrics: ProxyMetrics) -> EventSourceResponse:
-    """Stream each choice's first chunk and then the rest. A failure after the stream has started cannot
-    change the HTTP status any more: it goes out as a last event holding an OpenAI error object, and the
-    stream ends."""
-    sender, receiver = anyio.create_memory_object_stream[str](math.inf)
+                 metrics: ProxyMetrics) -> None:
+        self.status_code, self.background = 200, None
+        self.firsts, self.rests, self.fmt, self.include_usage = firsts, rests, fmt, include_usage
+        self.lifetimes, self.deadline, self.metrics = lifetimes, deadline, metrics
 
-    async def produce() -> None:
-        error: APIError | None = None
-        async with sender, closing_all(rests) as closing:
-            payloads = await closing.enter_async_context(aclosing(stream_payloads(firsts, rests, fmt, include_usage)))
-            with lifetimes.bounded(deadline) as lifetime:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+        # A client that goes away cancels the stream, which closes its Triton streams (and their requests).
+        async with cancel_on_disconnect(receive), closing_all(self.rests):
+            error: APIError | None = None
+            with self.lifetimes.bounded(self.deadline) as lifetime:
                 try:
-                    async for payload in payloads:
-                        await sender.send(payload)
+                    payloads = stream_payloads(self.firsts, self.rests, self.fmt, self.include_usage)
+                    async with aclosing(payloads):
+                        async for payload in payloads:
+                            await send(_event(payload))
                 except Exception as exc:
                     error = to_api_error(exc)
             if lifetime.cut_off:
-                error = lifetimes.expired(lifetime)
+                error = self.lifetimes.expired(lifetime)
             if error is not None:
-                metrics.stream_errors.labels(error.code or error.type).inc()
-                await sender.send(json.dumps(error.body()))
-
-    async def events() -> AsyncIterator[str]:
-        async with receiver:
-            async for payload in receiver:
-                yield payload
-
-    # Cancelling the sender's task (client gone, forced shutdown) closes the Triton stream in `rest`.
-    return EventSourceResponse(events(), sep="\n", data_sender_callable=produce,
-                               shutdown_grace_period=lifetimes.grace_s + SHUTDOWN_MARGIN_S)
+                self.metrics.stream_errors.labels(error.code or error.type).inc()
+                await send(_event(json.dumps(error.body())))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+# CPU seconds per 1,000 output tokens spent by the server's processes other than vLLM's engine core and worker.
+CPU_OUTSIDE_ENGINE = "cpu_outside_engine_s_per_1k_tokens"
 # summary key, column label, decimals, factor to the unit of the label
 COLUMNS = (("qps", "QPS", 2, 1), ("ttft_p50_s", "TTFT p50 (s)", 3, 1), ("ttft_p99_s", "TTFT p99 (s)", 3, 1),
-           ("tpot_p50_s", "TPOT p50 (ms)", 1, 1000), ("output_tokens_per_s", "output tokens/s", 1, 1))
+           ("tpot_p50_s", "TPOT p50 (ms)", 1, 1000), ("output_tokens_per_s", "output tokens/s", 1, 1),
+           (CPU_OUTSIDE_ENGINE, "CPU outside engine (s/1k tokens)", 2, 1))
 
 
 def ratio(ours: float, peer: float) -> float:
@@ -19,7 +22,7 @@ def comparison_rows(results: Mapping[str, Mapping[str, Mapping]], peer: str) -> 
 
     `results[workload][server]` holds `summary` (perf.stats.summarize) and, for servers other than the
     peer, `identical` and `compared` (perf.sessions.identical_answers). A ratio above 1 is ours ahead
-    for QPS and tokens/s, behind for TTFT and TPOT.
+    for QPS and tokens/s, behind for TTFT, TPOT and CPU.
     """
     rows = []
     for workload, servers in results.items():

@@ -7,15 +7,17 @@ whole conversation so far; sessions run concurrently.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
+import httpx
 import openai
 
 from perf.stats import RequestRecord, percentile
-from perf.stream_client import Target, stream_chat
+from perf.stream_client import Target, stream_chat, stream_chat_async
 
 HISTORIES = ("dataset", "model")
 
@@ -78,3 +80,23 @@ def identical_answers(ours: Sequence[TurnResult], peer: Sequence[TurnResult]) ->
     compared = [(t.text, theirs[t.session_id, t.round]) for t in ours
                 if t.record.ok and (t.session_id, t.round) in theirs]
     return sum(a == b for a, b in compared), len(compared)
+
+
+def run_streams(target: Target, sessions: Sequence[Session], workers: int, max_tokens: int,
+                ignore_eos: bool = False) -> tuple[list[TurnResult], float]:
+    """`run_sessions` for one-turn sessions from one asyncio client: `workers` streams open at once."""
+    async def run() -> list[TurnResult]:
+        slots = asyncio.Semaphore(workers)
+        limits = httpx.Limits(max_connections=workers, max_keepalive_connections=workers)
+        async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+            async def one(session: Session) -> TurnResult:
+                async with slots:
+                    record, text = await stream_chat_async(client, target, [
+                        {"role": "user", "content": session.user_turns[0]}], max_tokens, ignore_eos)
+                return TurnResult(session.id, 0, record, text)
+
+            return await asyncio.gather(*map(one, sessions))
+
+    start = time.perf_counter()
+    turns = asyncio.run(run())
+    return turns, time.perf_counter() - start

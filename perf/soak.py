@@ -1,7 +1,6 @@
 """Soak: mixed traffic through the proxy for N minutes, then an RSS table of every process of the stack.
 
     python -m perf.soak                        # 30 minutes on the small checkpoint, vLLM engine
-    python -m perf.soak --minutes 5 --engine native
 
 Traffic, from `--workers` clients one request at a time each: text chats, chats with a new image (a ViT
 cache miss), chats with one of a few images seen before (hits), streamed chats and text completions.
@@ -195,7 +194,6 @@ class Traffic:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--minutes", type=float, default=30.0)
-    parser.add_argument("--engine", choices=("vllm", "native"), default="vllm")
     parser.add_argument("--checkpoint", type=Path, help="default: the small test checkpoint")
     parser.add_argument("--workdir", type=Path, default=REPO_ROOT / "build" / "soak")
     parser.add_argument("--workers", type=int, default=2)
@@ -205,12 +203,10 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     checkpoint = checkpoint_or_tiny(args.checkpoint, args.workdir)
-    engine_options = {"vllm": {"enforce_eager": True, "kv_cache_bytes": 256 * 2**20},
-                      "native": {"llm_threads": 1}}[args.engine]
     duration_s, warmup_s = args.minutes * 60, args.minutes * 60 / 5
     samples = Samples()
-    with running_stack(checkpoint, args.workdir / "deploy" / args.engine, llm_engine=args.engine,
-                       vit_cache_mb=VIT_CACHE_MB, **engine_options) as stack:
+    with running_stack(checkpoint, args.workdir / "deploy", vit_cache_mb=VIT_CACHE_MB, enforce_eager=True,
+                       kv_cache_bytes=256 * 2**20) as stack:
         traffic = Traffic(stack.proxy.base_url, checkpoint.name, args.workers, args.seed)
         traffic.peak(PEAK_ROUNDS)
         started = time.monotonic()
@@ -220,7 +216,7 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(args.sample_s)
             samples.take(time.monotonic() - started, stack.deployment, stack.triton.metrics_url)
         restarts = stack.supervisor.restarts
-    print(f"{args.minutes:g} minutes ({warmup_s / 60:g} of warm-up), engine {args.engine}, "
+    print(f"{args.minutes:g} minutes ({warmup_s / 60:g} of warm-up), "
           f"requests by status {dict(sorted(traffic.statuses.items()))}, supervisor restarts {restarts}")
     ok = report(samples, warmup_s, args.max_growth, VIT_CACHE_MB * 2**20)
     sys.exit(0 if ok and restarts == 0 else 1)

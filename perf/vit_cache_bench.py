@@ -48,7 +48,7 @@ async def measure(url: str, args: argparse.Namespace) -> tuple[list[list[float]]
 
 
 def run(checkpoint: Path, workdir: Path, cache_mb: float, args: argparse.Namespace):
-    with running_stack(checkpoint, workdir, llm_threads=1, vit_cache_mb=cache_mb) as stack:
+    with running_stack(checkpoint, workdir, vit_cache_mb=cache_mb) as stack:
         return asyncio.run(measure(stack.triton.grpc_url, args))
 
 

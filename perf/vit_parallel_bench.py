@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = checkpoint_or_tiny(args.checkpoint, Path(tmp))
-            with running_stack(checkpoint, Path(tmp) / "deploy", llm_threads=1) as stack:
+            with running_stack(checkpoint, Path(tmp) / "deploy") as stack:
                 result = asyncio.run(measure(stack.triton.grpc_url, args))
     report(result, args.json)
 

@@ -39,7 +39,7 @@ def checkpoint_or_tiny(checkpoint: Path | None, workdir: Path) -> Path:
 def running_stack(checkpoint: Path, workdir: Path, **repository_options) -> Iterator[Stack]:
     """tritonserver + proxy on free loopback ports; `repository_options` go to the repository generator."""
     repository = prepare_cpu_repository(checkpoint, workdir, **repository_options)
-    stack = Stack.create(repository, workdir, checkpoint.name, TritonPorts.free(), 0)
+    stack = Stack.create(repository, workdir, TritonPorts.free(), 0)
     stack.start()
     try:
         yield stack

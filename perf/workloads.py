@@ -11,6 +11,8 @@ workload's two images, the history of a multi-round conversation), as in serving
                 (earlier images, dataset answers) sent again every turn
   1080p         one new 1920x1080 image per request
   video         one new video per request, sampled at 2 fps (`video_url` with `fps`)
+  glue c=N      glue-bound, on the tiny checkpoint (a decode step costs almost nothing, as on a GPU):
+                N streams of text prompts at once, each answer exactly `glue_tokens` long (ignore_eos)
 
 Images and video frames have sides that are multiples of 28 (the ViT's patch times the merge size)
 within the processor's pixel bounds, so no server resizes them: resamplers differ (ours: PIL, as
@@ -47,6 +49,9 @@ class Workload:
     sessions: list[Session]
     workers: int  # sessions in flight at once
     sweep: bool = False  # a point of the reference workload's concurrency sweep
+    # Glue-bound: on the tiny checkpoint, answers of exactly `max_tokens` (ignore_eos), from an asyncio client.
+    glue_bound: bool = False
+    max_tokens: int | None = None  # None: the run's --max-tokens
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,9 @@ class Sizes:
     video_requests: int = 10
     sweep: tuple[int, ...] = (1, 4, 16, 32)
     sweep_min_requests: int = 8  # each sweep point sends max(this, 2 x concurrency) requests
+    glue: tuple[int, ...] = (32, 64)  # concurrencies of the glue-bound workload
+    glue_requests_per_stream: int = 3
+    glue_tokens: int = 256
 
 
 class _Drawer:
@@ -123,3 +131,11 @@ def draw_warmup(root: Path, url: Callable[[str], str], seed: int) -> list[Sessio
 def sweep_points(workloads: Sequence[Workload]) -> list[Workload]:
     """The sweep's workloads by rising concurrency."""
     return sorted((w for w in workloads if w.sweep), key=lambda w: w.workers)
+
+
+def draw_glue_workloads(seed: int, sizes: Sizes) -> list[Workload]:
+    """The glue-bound workload at each concurrency: text prompts drawn from `seed`, a different one per request."""
+    rng = random.Random(f"{seed}-glue")
+    return [Workload(f"glue c={c}", [Session(f"glue-{c}-{i}", ([{"type": "text", "text": filler_text(
+        rng, QUESTION_WORDS, "?")}],)) for i in range(c * sizes.glue_requests_per_stream)], c, glue_bound=True,
+                     max_tokens=sizes.glue_tokens) for c in sizes.glue]

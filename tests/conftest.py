@@ -23,24 +23,22 @@ def media_server(tmp_path_factory):
         yield server
 
 
-# What each engine runs with in tests: vLLM without torch.compile (starts in seconds), a small KV cache,
-# and JSON without free whitespace (random weights love it: constrained answers would be all indentation);
-# the native engine on one torch thread (OpenMP overhead dominates a model this small on 2 cores).
-ENGINE_OPTIONS = {"vllm": {"llm_engine": "vllm", "enforce_eager": True, "kv_cache_bytes": 256 * 2**20,
-                           "llm_engine_args": {"structured_outputs_config": {"backend": "xgrammar",
-                                                                    "disable_any_whitespace": True}}},
-                  "native": {"llm_engine": "native", "llm_threads": 1}}
+# What the engine runs with in tests: vLLM without torch.compile (starts in seconds), a small KV cache, and JSON
+# without free whitespace (random weights love it: constrained answers would be all indentation).
+ENGINE_OPTIONS = {"enforce_eager": True, "kv_cache_bytes": 256 * 2**20,
+                  "llm_engine_args": {"structured_outputs_config": {"backend": "xgrammar",
+                                                                    "disable_any_whitespace": True}}}
 
 
 @contextlib.contextmanager
-def running_stack(checkpoint: Path, workdir: Path, engine: str, proxy_args: tuple[str, ...] = (), **options):
+def running_stack(checkpoint: Path, workdir: Path, proxy_args: tuple[str, ...] = (), **options):
     """tritonserver (all models) + the OpenAI proxy on free loopback ports, stopped on exit."""
     from launcher.deployment import Stack, prepare_cpu_repository
     from launcher.triton_server import TritonPorts
 
-    repository = prepare_cpu_repository(checkpoint, workdir, **{**ENGINE_OPTIONS[engine], **options})
+    repository = prepare_cpu_repository(checkpoint, workdir, **{**ENGINE_OPTIONS, **options})
     # The media server is on loopback, which the proxy refuses to fetch from unless told otherwise.
-    running = Stack.create(repository, workdir, "tiny-qwen2-vl", TritonPorts.free(), 0,
+    running = Stack.create(repository, workdir, TritonPorts.free(), 0,
                            proxy_args=["--allow-media-network", "127.0.0.0/8", *proxy_args])
     running.start()
     try:
@@ -50,20 +48,7 @@ def running_stack(checkpoint: Path, workdir: Path, engine: str, proxy_args: tupl
 
 
 @pytest.fixture(scope="session")
-def vllm_stack(tiny_checkpoint, tmp_path_factory):
-    """The stack with the vLLM engine."""
-    with running_stack(tiny_checkpoint, tmp_path_factory.mktemp("deploy-vllm"), "vllm") as running:
-        yield running
-
-
-@pytest.fixture(scope="session")
-def stack(vllm_stack):
-    """The stack with the default engine."""
-    return vllm_stack
-
-
-@pytest.fixture(scope="session")
-def native_stack(tiny_checkpoint, tmp_path_factory):
-    """The stack with the native reference engine."""
-    with running_stack(tiny_checkpoint, tmp_path_factory.mktemp("deploy-native"), "native") as running:
+def stack(tiny_checkpoint, tmp_path_factory):
+    """The whole stack on the small checkpoint, shared by the tests that only send requests."""
+    with running_stack(tiny_checkpoint, tmp_path_factory.mktemp("deploy")) as running:
         yield running

@@ -14,9 +14,11 @@ from client.triton_vlm import GenerationChunk
 from openai_proxy.app import create_app
 from openai_proxy.routes import triton_client
 from openai_proxy.settings import Settings
+from vlmserve.vlm_settings import VlmSettings
 
 MODEL = "test-model"
-SETTINGS = Settings(triton_url="127.0.0.1:1", served_model_name=MODEL)  # no Triton there
+VLM_SETTINGS = VlmSettings(checkpoint_dir="/nowhere", served_model_name=MODEL)  # what Triton would report
+SETTINGS = Settings(triton_url="127.0.0.1:1")  # no Triton there
 ANSWER = [GenerationChunk("Hel", None, 5, 1), GenerationChunk("lo", None, 5, 2), GenerationChunk("", "stop", 5, 3)]
 
 
@@ -26,13 +28,17 @@ class FakeTriton:
     `calls` records what was asked; `closed` counts generations that ended, however they ended.
     """
 
-    def __init__(self, chunks: list[GenerationChunk], error: Exception | None = None, delay_s: float = 0) -> None:
-        self.chunks, self.error, self.delay_s = chunks, error, delay_s
+    def __init__(self, chunks: list[GenerationChunk], error: Exception | None = None, delay_s: float = 0,
+                 ready: bool = True) -> None:
+        self.chunks, self.error, self.delay_s, self.ready = chunks, error, delay_s, ready
         self.calls: list[tuple] = []
         self.closed = 0
 
     async def is_ready(self) -> bool:
-        return True
+        return self.ready
+
+    async def settings(self) -> VlmSettings:
+        return VLM_SETTINGS
 
     async def generate(self, messages, media, sampling, request_id):
         self.calls.append((messages, media, sampling, request_id))

@@ -1,4 +1,4 @@
-"""The whole path on a real tritonserver: openai client -> proxy -> vlm BLS -> preprocess/vit/llm -> back."""
+"""The whole path on a real tritonserver: openai client -> proxy -> vlm (preprocess/vit_cache/vit, vLLM) -> back."""
 
 from __future__ import annotations
 
@@ -63,12 +63,6 @@ def stream_chat(client: openai.OpenAI, messages: list[dict], **kwargs) -> tuple[
             text += choice.delta.content or ""
             finish = choice.finish_reason or finish
     return text, usage, finish
-
-
-@pytest.fixture(scope="module", params=["vllm", "native"])
-def stack(request):
-    """Every test here runs on both engines."""
-    return request.getfixturevalue(f"{request.param}_stack")
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +177,7 @@ def test_bad_image_is_a_400_and_the_server_carries_on(client, media_server):
 
 def test_models_and_health(stack, client):
     triton = tritonclient.grpc.InferenceServerClient(stack.triton.grpc_url)
-    assert all(triton.is_model_ready(name) for name in ("preprocess", "vit", "llm", "vlm"))
+    assert all(triton.is_model_ready(name) for name in ("preprocess", "vit", "vit_cache", "vlm"))
     assert [m.id for m in client.models.list().data] == ["tiny-qwen2-vl"]
     assert httpx.get(stack.proxy.base_url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
 
@@ -193,10 +187,24 @@ def test_servers_share_our_session_in_process_groups_of_their_own(stack):
     # proxy or the client (see launcher.processes.OWN_GROUP); a group each, so that a stop ends each whole.
     server, proxy = stack.triton.process.pid, stack.proxy.process.pid
     tree = descendants(server, parent_pids())
-    assert len(tree) >= 6, "the server, a stub per model (and vLLM's engine core and worker, with that engine)"
+    assert len(tree) >= 6, "the server, a stub per model, vLLM's engine core and worker"
     for pid in (*tree, proxy):
         assert os.getsid(pid) == os.getsid(0), pid
     assert all(os.getpgid(pid) == server for pid in tree) and os.getpgid(proxy) == proxy
+
+
+def test_the_engine_runs_at_a_higher_priority_than_what_carries_its_output(stack):
+    # vLLM's engine core and worker keep the priority the vlm model started with; every thread of the model's
+    # own process and of the proxy runs at a lower one (a higher nice value), so the engine never waits for them.
+    def nice_values(pid: int) -> set[int]:
+        return {os.getpriority(os.PRIO_PROCESS, int(task)) for task in os.listdir(f"/proc/{pid}/task")}
+
+    vlm = next(stub.pid for stub in stack.triton.stub_instances().values() if stub.model == "vlm")
+    engine = descendants(vlm, parent_pids()) - {vlm}
+    assert engine
+    engine_nice = set().union(*map(nice_values, engine))
+    frontend_nice = nice_values(vlm) | nice_values(stack.proxy.process.pid)
+    assert max(engine_nice) + 10 <= min(frontend_nice), (engine_nice, frontend_nice)
 
 
 def test_grpc_command_line_client_streams_an_image_chat(stack, tmp_path):
@@ -210,26 +218,23 @@ def test_grpc_command_line_client_streams_an_image_chat(stack, tmp_path):
     assert result.stdout.strip()
 
 
-def test_client_disconnect_frees_the_engine(native_stack):
-    # On the native engine only: vLLM writes the tiny model's 3000 tokens in about a second, so a
-    # disconnect could not be told from a finished answer here. test_proxy_resilience checks vLLM with
-    # twenty streams at once, which it cannot finish that fast.
-    stack = native_stack
+def test_client_disconnect_frees_the_engine(stack):
     client = openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused", max_retries=0)
     steps_before = _metric(stack, "vlm_llm_steps_total")
+    # Far more tokens than the model writes before the stream is closed and the server notices (0.2 s).
     with httpx.stream("POST", stack.proxy.base_url + "/chat/completions", timeout=60, json={
-            "model": "tiny-qwen2-vl", "stream": True, "max_tokens": 3000, "temperature": 0,
+            "model": "tiny-qwen2-vl", "stream": True, "max_tokens": 4000, "temperature": 0, "ignore_eos": True,
             "messages": [{"role": "user", "content": "Write a very long story."}]}) as response:
         assert response.status_code == 200
         lines = response.iter_lines()
         assert next(lines).startswith("data:")
-    # Closing the stream cancels the Triton request; the llm model drops it within a step.
+    # Closing the stream cancels the Triton request; the vlm model aborts it in the engine.
     for _ in range(100):
-        if _metric(stack, "vlm_llm_active_requests") == 0:
+        if _metric(stack, "vlm_llm_active_requests") == 0 and _metric(stack, "vlm_llm_running_requests") == 0:
             break
         time.sleep(0.1)
-    assert _metric(stack, "vlm_llm_active_requests") == 0
-    assert _metric(stack, "vlm_llm_steps_total") - steps_before < 1000, "generation stopped early"
+    assert _metric(stack, "vlm_llm_active_requests") == 0 and _metric(stack, "vlm_llm_running_requests") == 0
+    assert _metric(stack, "vlm_llm_steps_total") - steps_before < 3000, "generation stopped early"
     ok = client.chat.completions.create(model="tiny-qwen2-vl", max_tokens=4, messages=[
         {"role": "user", "content": "And now?"}])
     assert ok.usage.completion_tokens > 0

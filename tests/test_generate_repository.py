@@ -14,7 +14,7 @@ from export.generate_repository import (
     generate_repository,
 )
 from export.build_trt_engine import write_profile
-from vlmserve.llm_serving.engine_config import EngineConfig
+from vlmserve.engine.config import EngineConfig
 from vlmserve.media.settings import MediaSettings
 from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL
 from vlmserve.vlm_settings import VlmSettings
@@ -41,8 +41,8 @@ def test_gpu_target_pins_one_vit_instance_group_per_gpu(tmp_path):
     assert groups == [("2", "0"), ("2", "1"), ("2", "2"), ("2", "3")]
     assert (repo / "vit" / "1" / "model.plan").read_bytes() == b"plan"
     # vLLM spans the same GPUs with tensor parallelism and leaves the ViT instances their share.
-    config = EngineConfig.read(repo / "llm" / "1")
-    assert config.engine == "vllm" and config.checkpoint == str(tmp_path.resolve())
+    config = EngineConfig.read(repo / "vlm" / "1")
+    assert config.checkpoint == str(tmp_path.resolve())
     assert config.args["tensor_parallel_size"] == 4
     assert config.args["gpu_memory_utilization"] == DEFAULT_GPU_MEMORY_UTILIZATION < 1
     assert config.args["dtype"] == "float32" and config.args["enable_prefix_caching"] is True
@@ -56,43 +56,34 @@ def test_engine_config_is_passed_through_whole(tmp_path):
                              max_model_len=8192, kv_cache_bytes=2**34, enforce_eager=True, quantization="fp8",
                              llm_dtype="bfloat16", enable_prefix_caching=False, llm_engine_args={"swap_space": 8})
     repo = generate_repository(opts)
-    args = EngineConfig.read(repo / "llm" / "1").args
+    args = EngineConfig.read(repo / "vlm" / "1").args
     assert args == {"tensor_parallel_size": 4, "gpu_memory_utilization": 0.7, "max_model_len": 8192,
                     "kv_cache_memory_bytes": 2**34, "enforce_eager": True, "quantization": "fp8",
                     "dtype": "bfloat16", "enable_prefix_caching": False, "swap_space": 8}
-    # vlm refuses prompts over the engine's context before any work.
-    assert 'key: "max_model_len" value: { string_value: "8192" }' in (repo / "vlm" / "config.pbtxt").read_text()
 
 
-def test_cpu_defaults_and_the_native_engine(tmp_path):
+def test_cpu_defaults(tmp_path):
     onnx = tmp_path / "vit.onnx"
     onnx.write_bytes(b"onnx")
-    vllm = EngineConfig.read(generate_repository(RepositoryOptions(
-        checkpoint=tmp_path, out=tmp_path / "vllm", vit_onnx=onnx)) / "llm" / "1")
-    assert vllm.args == {"dtype": "float32", "enable_prefix_caching": True, "enforce_eager": False,
-                         "tensor_parallel_size": 1, "kv_cache_memory_bytes": DEFAULT_CPU_KV_CACHE_BYTES}
-    native = EngineConfig.read(generate_repository(RepositoryOptions(
-        checkpoint=tmp_path, out=tmp_path / "native", vit_onnx=onnx, llm_engine="native", llm_threads=1,
-        kv_cache_bytes=2**20, kv_block_size=32)) / "llm" / "1")
-    assert native.engine == "native"
-    assert native.args == {"dtype": "float32", "enable_prefix_caching": True, "torch_threads": 1,
-                           "kv_cache_bytes": 2**20, "block_size": 32}
-    with pytest.raises(ValueError, match="unknown LLM engine 'tgi'"):
-        generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "bad", vit_onnx=onnx,
-                                              llm_engine="tgi"))
-    assert not (tmp_path / "bad").exists()
+    config = EngineConfig.read(generate_repository(RepositoryOptions(
+        checkpoint=tmp_path, out=tmp_path / "vllm", vit_onnx=onnx)) / "vlm" / "1")
+    assert config.args == {"dtype": "float32", "enable_prefix_caching": True, "enforce_eager": False,
+                           "tensor_parallel_size": 1, "kv_cache_memory_bytes": DEFAULT_CPU_KV_CACHE_BYTES}
 
 
 def test_cpu_target_serves_the_onnx_graph_from_python(tmp_path):
     onnx = tmp_path / "vit.onnx"
     onnx.write_bytes(b"onnx")
     repo = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", vit_onnx=onnx))
-    assert sorted(p.name for p in repo.iterdir()) == ["llm", "preprocess", "vit", "vit_cache", "vlm"]
-    for name in ("preprocess", "vit", "vit_cache", "llm", "vlm"):
+    # One model owns the engine and streams to clients; the others answer once per call.
+    assert sorted(p.name for p in repo.iterdir()) == ["preprocess", "vit", "vit_cache", "vlm"]
+    for name in ("preprocess", "vit", "vit_cache", "vlm"):
         config = (repo / name / "config.pbtxt").read_text()
         assert 'backend: "python"' in config and (repo / name / "1" / "model.py").exists()
-    assert "decoupled: true" in (repo / "llm" / "config.pbtxt").read_text()
-    assert "decoupled: true" in (repo / "vlm" / "config.pbtxt").read_text()
+        assert ("decoupled: true" in config) == (name == "vlm")
+    assert (repo / "vlm" / "1" / "engine.json").exists()
+    assert 'key: "served_model_name" value: { string_value: "' + tmp_path.resolve().name + '" }' in \
+        (repo / "vlm" / "config.pbtxt").read_text()
     assert str(onnx.resolve()) in (repo / "vit" / "config.pbtxt").read_text()
 
 
@@ -107,16 +98,16 @@ def test_vit_is_batched_by_the_bls_not_by_triton(tmp_path):
 
 
 def test_cpu_vit_threads_leave_the_llm_its_cores(tmp_path, monkeypatch):
-    assert default_vit_cpu_threads(cpu_count=16, llm_threads=0, vit_instances=1) == 8
-    assert default_vit_cpu_threads(cpu_count=16, llm_threads=12, vit_instances=2) == 2
-    assert default_vit_cpu_threads(cpu_count=2, llm_threads=1, vit_instances=1) == 1
-    assert default_vit_cpu_threads(cpu_count=1, llm_threads=0, vit_instances=4) == 1
+    assert default_vit_cpu_threads(cpu_count=16, vit_instances=1) == 8
+    assert default_vit_cpu_threads(cpu_count=16, vit_instances=4) == 2
+    assert default_vit_cpu_threads(cpu_count=2, vit_instances=1) == 1
+    assert default_vit_cpu_threads(cpu_count=1, vit_instances=4) == 1
     monkeypatch.setattr("os.cpu_count", lambda: 32)
     onnx = tmp_path / "vit.onnx"
     onnx.write_bytes(b"onnx")
     repo = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "repo", vit_onnx=onnx,
-                                                 llm_threads=8, vit_cpu_instances=2))
-    assert 'key: "intra_op_threads" value: { string_value: "12" }' in (repo / "vit" / "config.pbtxt").read_text()
+                                                 vit_cpu_instances=2))
+    assert 'key: "intra_op_threads" value: { string_value: "8" }' in (repo / "vit" / "config.pbtxt").read_text()
 
 
 def test_media_settings_and_cache_switch(tmp_path):
@@ -140,6 +131,7 @@ def test_media_settings_and_cache_switch(tmp_path):
     params = dict(re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}',
                              (repo / "vlm" / "config.pbtxt").read_text()))
     assert VlmSettings.from_parameters(params) == VlmSettings(checkpoint_dir=str(tmp_path.resolve()),
+                                                              served_model_name=tmp_path.resolve().name,
                                                               vit_max_patches=CPU_MAX_PATCHES_PER_CALL)
     assert MediaSettings.from_checkpoint(tmp_path).with_parameters(params).max_frames == 64
 

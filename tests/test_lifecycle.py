@@ -33,7 +33,7 @@ def test_other_triton_errors_stay_internal():
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_model_being_down_is_a_503_with_retry_after(stream):
-    fake = FakeTriton([], UnavailableError("Stub process 'llm_0_0' is not healthy."))
+    fake = FakeTriton([], UnavailableError("Stub process 'vlm_0_0' is not healthy."))
     with client_with(fake) as http:
         response = http.post("/v1/chat/completions", json={"model": MODEL, "stream": stream, "messages": [user("hi")]})
     assert_openai_error(response, 503, "retry")

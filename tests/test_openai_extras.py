@@ -1,6 +1,5 @@
 """What OpenAI clients ask for beyond plain text, through the unmodified `openai` client on the real stack:
-structured output, tool calls, logprobs, n choices, cached tokens, min_tokens / ignore_eos. The vLLM
-engine does all of it; the native engine refuses what it cannot do, by name."""
+structured output, tool calls, logprobs, n choices, cached tokens, min_tokens / ignore_eos."""
 
 from __future__ import annotations
 
@@ -30,8 +29,8 @@ CLOCK = {"type": "function", "function": {"name": "get_time", "parameters": {
 
 
 @pytest.fixture(scope="module")
-def client(vllm_stack) -> openai.OpenAI:
-    return openai.OpenAI(base_url=vllm_stack.proxy.base_url, api_key="unused", max_retries=0)
+def client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused", max_retries=0)
 
 
 def chat(client: openai.OpenAI, stream: bool, **kwargs) -> dict:
@@ -178,31 +177,15 @@ def two_image_turns(client: openai.OpenAI, media_server) -> tuple[int, int, int]
             first.usage.prompt_tokens)
 
 
-@pytest.mark.parametrize("engine", ["vllm", "native"])
-def test_the_second_turn_of_a_two_image_chat_reports_cached_tokens(request, engine, media_server):
-    stack = request.getfixturevalue(f"{engine}_stack")
+def test_the_second_turn_of_a_two_image_chat_reports_cached_tokens(stack, media_server):
     first, second, first_prompt = two_image_turns(openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused"),
                                                   media_server)
-    # The first turn may find the chat template's opening in the cache (the native engine's blocks are 16
-    # tokens, vLLM's 128 here); the second finds most of the first turn, images included.
+    # The first turn may find the chat template's opening in the cache (vLLM's blocks are 128 tokens here);
+    # the second finds most of the first turn, images included.
     assert first < first_prompt // 2 <= second
 
 
 def test_no_cached_tokens_with_the_prefix_cache_off(tiny_checkpoint, tmp_path, media_server):
-    with running_stack(tiny_checkpoint, tmp_path, "native", enable_prefix_caching=False) as stack:
+    with running_stack(tiny_checkpoint, tmp_path, enable_prefix_caching=False) as stack:
         client = openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused")
         assert two_image_turns(client, media_server)[:2] == (0, 0)
-
-
-@pytest.mark.parametrize("extra", [
-    {"logprobs": True}, {"response_format": {"type": "json_object"}},
-    {"tools": [WEATHER], "tool_choice": "required"}, {"extra_body": {"min_tokens": 4}}],
-    ids=["logprobs", "json_object", "forced_tool", "min_tokens"])
-def test_the_native_engine_refuses_what_only_vllm_can_do_by_name(native_stack, extra):
-    client = openai.OpenAI(base_url=native_stack.proxy.base_url, api_key="unused", max_retries=0)
-    with pytest.raises(openai.BadRequestError, match="needs the vllm engine"):
-        client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=4, **extra)
-    # What it can do, it does: n, tools left to the model, ignore_eos.
-    answer = client.chat.completions.create(model=MODEL, messages=ASK, max_tokens=6, n=2, tools=[WEATHER],
-                                            extra_body={"ignore_eos": True})
-    assert len(answer.choices) == 2 and answer.usage.completion_tokens == 12

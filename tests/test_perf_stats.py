@@ -71,22 +71,22 @@ def test_identical_answers_pair_the_same_request_on_both_servers():
     assert identical_answers([], peer) == (0, 0)
 
 
-def summary(qps: float, ttft: float, tpot: float, errors: int = 0) -> dict:
+def summary(qps: float, ttft: float, tpot: float, cpu: float, errors: int = 0) -> dict:
     return {"requests": 10, "errors": errors, "qps": qps, "ttft_p50_s": ttft, "ttft_p99_s": 2 * ttft,
-            "tpot_p50_s": tpot, "output_tokens_per_s": 64 * qps}
+            "tpot_p50_s": tpot, "output_tokens_per_s": 64 * qps, "cpu_outside_engine_s_per_1k_tokens": cpu}
 
 
 def test_comparison_rows_and_table():
-    results = {"reference": {"ours": {"summary": summary(4.0, 0.1, 0.02), "identical": 9, "compared": 10},
-                             "vLLM": {"summary": summary(2.0, 0.4, 0.01, errors=1)}}}
+    results = {"reference": {"ours": {"summary": summary(4.0, 0.1, 0.02, 0.3), "identical": 9, "compared": 10},
+                             "vLLM": {"summary": summary(2.0, 0.4, 0.01, 0.1, errors=1)}}}
     rows = comparison_rows(results, "vLLM")
     assert [(r["workload"], r["server"]) for r in rows] == [("reference", "ours"), ("reference", "vLLM")]
     assert rows[0]["ratios"] == pytest.approx({"qps": 2.0, "ttft_p50_s": 0.25, "ttft_p99_s": 0.25, "tpot_p50_s": 2.0,
-                                               "output_tokens_per_s": 2.0})
+                                               "output_tokens_per_s": 2.0, "cpu_outside_engine_s_per_1k_tokens": 3.0})
     assert "ratios" not in rows[1] and "identical" not in rows[1]
     table = markdown_table(rows).splitlines()
     assert len(table) == 4
     assert table[2] == ("| reference | ours | 10 | 0 | 4.00 (2.00) | 0.100 (0.25) | 0.200 (0.25) | 20.0 (2.00) "
-                        "| 256.0 (2.00) | 9/10 (90%) |")
-    assert table[3] == "| reference | vLLM | 10 | 1 | 2.00 | 0.400 | 0.800 | 10.0 | 128.0 | - |"
+                        "| 256.0 (2.00) | 0.30 (3.00) | 9/10 (90%) |")
+    assert table[3] == "| reference | vLLM | 10 | 1 | 2.00 | 0.400 | 0.800 | 10.0 | 128.0 | 0.10 | - |"
     assert math.isnan(ratio(1.0, 0.0))

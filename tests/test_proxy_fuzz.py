@@ -1,7 +1,7 @@
 """Hundreds of bad requests, interleaved with good ones at concurrency 8, against the real stack.
 
 Every bad request must get its 4xx as an OpenAI error and every good one must succeed; afterwards
-the proxy is healthy, its metrics agree, and the llm model holds no request.
+the proxy is healthy, its metrics agree, and the engine holds no request.
 """
 
 from __future__ import annotations
@@ -22,11 +22,13 @@ from tests.proxy_helpers import TrickyMediaServer
 from tests.test_end_to_end import mp4_bytes, png_bytes
 from tests.test_proxy_resilience import wait_until_idle
 from launcher.deployment import ProxyProcess
+from vlmserve.vlm_settings import VlmSettings
 
 MODEL = "tiny-qwen2-vl"
 KEY = "fuzz-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-MAX_REQUEST_BYTES, MAX_MEDIA_BYTES, MAX_MEDIA = 1_000_000, 300_000, 4
+MAX_REQUEST_BYTES, MAX_MEDIA_BYTES = 1_000_000, 300_000
+MAX_MEDIA = VlmSettings.__dataclass_fields__["max_media_per_request"].default  # the repository's, read from Triton
 CONCURRENCY = 8
 
 
@@ -241,11 +243,11 @@ def media():
 @pytest.fixture(scope="module")
 def strict_proxy(stack, tmp_path_factory):
     """A proxy with tight limits and an API key, in front of the stack's Triton."""
-    proxy = ProxyProcess(stack.triton.grpc_url, 0, MODEL,
+    proxy = ProxyProcess(stack.triton.grpc_url, 0,
                          log_path=tmp_path_factory.mktemp("fuzz") / "proxy.log", extra_args=[
                              "--api-key", KEY, "--allow-media-network", "127.0.0.1/32",
                              "--max-request-bytes", str(MAX_REQUEST_BYTES), "--max-media-bytes", str(MAX_MEDIA_BYTES),
-                             "--max-media-per-request", str(MAX_MEDIA), "--media-timeout-s", "3"])
+                             "--media-timeout-s", "3"])
     proxy.start()
     yield proxy
     proxy.stop()

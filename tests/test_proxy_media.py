@@ -130,7 +130,7 @@ def test_the_default_app_refuses_loopback_media_with_a_400(server):
     url = server.add("admin.png", b"secret")
     before = len(server.seen)
     fake = FakeTriton([])
-    with client_with(fake, Settings(triton_url="127.0.0.1:1", served_model_name=MODEL)) as http:
+    with client_with(fake, Settings(triton_url="127.0.0.1:1")) as http:
         response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [user([image(url)])]})
     assert_openai_error(response, 400, "not a public address", param="messages")
     assert len(server.seen) == before and not fake.calls

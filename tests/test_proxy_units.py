@@ -162,13 +162,15 @@ def test_only_http_and_data_urls_are_fetched(url):
         asyncio.run(fetch())
 
 
-# --- HTTP errors (nothing reaches Triton) --------------------------------------------------------
+# --- HTTP errors (no generation reaches Triton) ----------------------------------------------------
 
 
 @pytest.fixture
 def http():
-    with TestClient(create_app(SETTINGS)) as client:
+    fake = FakeTriton([], ready=False)  # it says which model it serves, and nothing more
+    with client_with(fake) as client:
         yield client
+    assert not fake.calls
 
 
 def test_malformed_json_is_a_400(http):

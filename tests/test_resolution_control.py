@@ -151,7 +151,7 @@ def test_sampled_frames_times_frame_pixels_are_checked_before_decoding(monkeypat
 
 @pytest.fixture(scope="module")
 def limited_stack(tiny_checkpoint, tmp_path_factory):
-    with running_stack(tiny_checkpoint, tmp_path_factory.mktemp("deploy-resolution"), "native",
+    with running_stack(tiny_checkpoint, tmp_path_factory.mktemp("deploy-resolution"),
                        media=SERVED_MEDIA) as running:
         yield running
 

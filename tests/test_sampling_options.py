@@ -14,9 +14,7 @@ from vlmserve.sampling_options import (
     OPTIONS,
     check_options,
     checkpoint_defaults,
-    engine_options,
     max_tokens_for,
-    refuse_unless_native,
 )
 
 
@@ -30,15 +28,6 @@ def test_options_are_checked_by_name_and_json_type():
         check_options({"max_tokens": True})  # a bool is an int to Python, not to JSON
     with pytest.raises(InvalidRequest, match="must be a JSON object"):
         check_options(["temperature"])
-    assert engine_options({"stop": ["x"], "top_k": 3}) == {"top_k": 3}  # stop strings stay in `vlm`
-
-
-def test_the_native_engine_refuses_by_the_name_the_client_knows():
-    refuse_unless_native({"temperature": 0, "ignore_eos": True})
-    with pytest.raises(InvalidRequest, match="min_tokens needs the vllm engine"):
-        refuse_unless_native({"min_tokens": 3})
-    with pytest.raises(InvalidRequest, match=r"structured output \(response_format"):
-        refuse_unless_native({"structured_outputs": {"regex": "a"}})
 
 
 def test_a_request_that_does_not_fit_the_context_is_refused_and_the_default_is_capped():

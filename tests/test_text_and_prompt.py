@@ -1,39 +1,22 @@
-"""Incremental detokenization, stop strings and prompt construction on the small checkpoint's tokenizer."""
+"""Prompt construction on the small checkpoint's tokenizer (the text of the answers is vLLM's: its
+incremental detokenizer and stop strings, checked through the service in test_vlm_service.py)."""
 
 from __future__ import annotations
+
+import json
 
 import numpy as np
 import pytest
 from transformers import AutoConfig, AutoTokenizer
 
-from vlmserve.detokenizer import IncrementalDetokenizer, StopStringMatcher
 from vlmserve.errors import InvalidRequest
-from vlmserve.prompt import PromptBuilder, media_parts, validate_messages
+from vlmserve.inputs.request import ClientRequest, parse_request
+from vlmserve.inputs.prompt import PromptBuilder, media_parts, validate_messages
 
 
 @pytest.fixture(scope="module")
 def tokenizer(tiny_checkpoint):
     return AutoTokenizer.from_pretrained(tiny_checkpoint)
-
-
-@pytest.mark.parametrize("text", ["plain words here", "café au lait", "中文字符 and emoji 🙂🚀", "a\nb\tc  d"])
-def test_deltas_join_to_the_full_text_and_never_split_a_character(tokenizer, text):
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    detok = IncrementalDetokenizer(tokenizer)
-    deltas = [detok.add([i]) for i in ids]
-    assert "".join(deltas) + detok.flush() == tokenizer.decode(ids)
-    assert all("\ufffd" not in d for d in deltas)
-
-
-def test_stop_strings_cut_the_text_and_hold_back_partial_matches():
-    matcher = StopStringMatcher(["STOP", "\n\n"])
-    assert matcher.feed("hello S") == "hello "  # "S" may start "STOP"
-    assert matcher.feed("T") == ""
-    assert matcher.feed("OPPED and more") == ""
-    assert matcher.stopped and matcher.flush() == ""
-    released = StopStringMatcher(["STOP"])
-    assert released.feed("a ST") == "a " and released.flush() == "ST"
-    assert StopStringMatcher(["\n\n"]).feed("one\n\ntwo") == "one"
 
 
 def test_prompt_expands_one_pad_per_merged_patch(tiny_checkpoint, tokenizer):
@@ -65,6 +48,12 @@ def test_raw_prompts_are_tokenized_as_they_are(tiny_checkpoint, tokenizer):
     builder = PromptBuilder(tokenizer, config.image_token_id, config.video_token_id,
                             config.vision_config.spatial_merge_size)
     assert builder.raw("Once upon a time").tolist() == tokenizer("Once upon a time")["input_ids"]
-    for bad in ("", None, ["text"], "an <|image_pad|> smuggled in"):
-        with pytest.raises(InvalidRequest):
-            builder.raw(bad)
+    with pytest.raises(InvalidRequest, match="pad tokens"):
+        builder.raw("an <|image_pad|> smuggled in")
+    for bad in ("", None, ["text"]):
+        with pytest.raises(InvalidRequest, match="prompt must be a non-empty string"):
+            parse_request(json.dumps({"prompt": bad}), 0)
+    with pytest.raises(InvalidRequest, match="neither messages nor media"):
+        parse_request(json.dumps({"prompt": "x"}), 1)
+    assert parse_request(json.dumps({"prompt": "x", "sampling": {"top_k": 2}}), 0) == ClientRequest(None, "x",
+                                                                                                    {"top_k": 2})

@@ -63,8 +63,7 @@ def image_tokens(checkpoint: Path, width: int, height: int) -> int:
     return preprocessor.num_vision_tokens(grid)
 
 
-def test_a_photo_over_the_context_is_a_400_before_the_vit_runs(native_stack, big_photo_url, tiny_checkpoint):
-    stack = native_stack
+def test_a_photo_over_the_context_is_a_400_before_the_vit_runs(stack, big_photo_url, tiny_checkpoint):
     before = vit_executions(stack)
     with pytest.raises(openai.BadRequestError) as error:
         ask(stack, big_photo_url, 512)
@@ -76,8 +75,7 @@ def test_a_photo_over_the_context_is_a_400_before_the_vit_runs(native_stack, big
     assert vit_executions(stack) == before
 
 
-def test_max_tokens_past_the_context_is_a_400_before_the_vit_runs(native_stack, media_server):
-    stack = native_stack
+def test_max_tokens_past_the_context_is_a_400_before_the_vit_runs(stack, media_server):
     url = media_server.add("admission-small.jpg", jpeg_bytes(280, 280))
     before = vit_executions(stack)
     with pytest.raises(openai.BadRequestError, match=r"Input length \(\d+\) plus max_tokens \(4090\) exceeds "
@@ -89,13 +87,13 @@ def test_max_tokens_past_the_context_is_a_400_before_the_vit_runs(native_stack, 
 
 @pytest.fixture(scope="module")
 def long_context_stack(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint with a context that holds the 4000x3000 photo, on the native engine."""
+    """The tiny checkpoint with a context that holds the 4000x3000 photo."""
     checkpoint = tmp_path_factory.mktemp("long-context") / "tiny-qwen2-vl"
     shutil.copytree(tiny_checkpoint, checkpoint)
     config = json.loads((checkpoint / "config.json").read_text())
     config["text_config"]["max_position_embeddings"] = LONG_CONTEXT
     (checkpoint / "config.json").write_text(json.dumps(config))
-    with running_stack(checkpoint, tmp_path_factory.mktemp("deploy-long-context"), "native") as running:
+    with running_stack(checkpoint, tmp_path_factory.mktemp("deploy-long-context")) as running:
         yield running
 
 

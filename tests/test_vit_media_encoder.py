@@ -1,4 +1,4 @@
-"""The `vlm` model's media path (vlmserve.media.encoder) against in-process stand-ins for its BLS calls.
+"""The `vlm` model's media path (vlmserve.media.encoder) against in-process stand-ins for its model calls.
 
 `preprocess`, `vit` and `vit_cache` are replaced by the code they run (decode + processor, the
 exported ONNX tower, EmbeddingCache), so dedupe, joining, the cache switch and error paths are
@@ -8,9 +8,6 @@ checked call by call, in milliseconds. The served versions: test_vit_service.py.
 from __future__ import annotations
 
 import asyncio
-import importlib
-import sys
-import types
 from collections import Counter
 from pathlib import Path
 
@@ -19,9 +16,9 @@ import pytest
 
 from export.vision_onnx import export_vision_onnx
 from tests.test_end_to_end import png_bytes
-from vlmserve.contracts import encode_error
 from vlmserve.errors import InvalidRequest
 from vlmserve.media.decode import decode_image
+from vlmserve.media.encoder import MediaEncoder
 from vlmserve.media.preprocessing import VisionPreprocessor
 from vlmserve.vit.runner import OnnxVitRunner
 from vlmserve.vit.cache import EmbeddingCache
@@ -39,7 +36,12 @@ class FakeModels:
         self.cache = EmbeddingCache(2**20)
         self.calls: Counter[str] = Counter()
 
-    def __call__(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    async def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """vlmserve.media.encoder.Infer, as a BLS call answers it."""
+        await asyncio.sleep(0.01)  # a real round trip: lets concurrent requests overlap
+        return {name: value for name, value in self.run(model, inputs).items() if name in outputs}
+
+    def run(self, model: str, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.calls[model] += 1
         if model == "preprocess":
             image = decode_image(inputs["MEDIA"][0])
@@ -57,44 +59,6 @@ class FakeModels:
         return {"FOUND": np.asarray([True]), "EMBEDS": entry.embeds, "GRID_THW": entry.grid_thw}
 
 
-def fake_pb_utils(models: FakeModels) -> types.ModuleType:
-    """Just the part of triton_python_backend_utils that vlmserve.media.encoder uses."""
-    pb = types.ModuleType("triton_python_backend_utils")
-
-    class Tensor:
-        def __init__(self, name: str, value: np.ndarray) -> None:
-            self.name, self.value = name, value
-
-        def as_numpy(self) -> np.ndarray:
-            return self.value
-
-    class Response:
-        def __init__(self, outputs: dict | None = None, error: str | None = None) -> None:
-            self.outputs, self.message = outputs or {}, error
-
-        def has_error(self) -> bool:
-            return self.message is not None
-
-        def error(self):
-            return types.SimpleNamespace(message=lambda: self.message)
-
-    class InferenceRequest:
-        def __init__(self, model_name: str, inputs: list, requested_output_names: list[str]) -> None:
-            self.model, self.inputs = model_name, {t.name: t.value for t in inputs}
-
-        async def async_exec(self) -> Response:
-            await asyncio.sleep(0.01)  # a real round trip: lets concurrent requests overlap
-            try:
-                outputs = models(self.model, self.inputs)
-            except InvalidRequest as exc:
-                return Response(error=encode_error(exc))
-            return Response({name: Tensor(name, value) for name, value in outputs.items()})
-
-    pb.Tensor, pb.InferenceRequest = Tensor, InferenceRequest
-    pb.get_output_tensor_by_name = lambda response, name: response.outputs.get(name)
-    return pb
-
-
 @pytest.fixture(scope="module")
 def onnx_path(tiny_checkpoint, tmp_path_factory) -> Path:
     return export_vision_onnx(tiny_checkpoint, tmp_path_factory.mktemp("vit") / "vit.onnx")
@@ -106,14 +70,9 @@ def models(tiny_checkpoint, onnx_path) -> FakeModels:
 
 
 @pytest.fixture
-def make_encoder(models, monkeypatch):
-    monkeypatch.setitem(sys.modules, "triton_python_backend_utils", fake_pb_utils(models))
-    monkeypatch.delitem(sys.modules, "vlmserve.media.encoder", raising=False)
-    module = importlib.import_module("vlmserve.media.encoder")
-    monkeypatch.delitem(sys.modules, "vlmserve.media.encoder")  # not the real module for other tests
-
-    def make(use_cache: bool):
-        return module.MediaEncoder(models.settings, models.preprocessor.merge_size, 4096, use_cache)
+def make_encoder(models):
+    def make(use_cache: bool) -> MediaEncoder:
+        return MediaEncoder(models.infer, models.settings, models.preprocessor.merge_size, 4096, use_cache)
 
     return make
 

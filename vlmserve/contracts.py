@@ -28,7 +28,7 @@ class TensorSpec:
 
 
 _NUMPY_DTYPES = {"TYPE_FP32": np.float32, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64, "TYPE_BOOL": np.bool_,
-                 "TYPE_STRING": np.object_}
+                 "TYPE_UINT8": np.uint8, "TYPE_STRING": np.object_}
 
 
 class PREPROCESS:
@@ -75,43 +75,21 @@ class VIT_CACHE:
     outputs = (FOUND, EMBEDS, GRID_THW)
 
 
-class LLM:
-    """The decoupled LLM engine model. A request with ABORT=true is a control message: it cancels REQUEST_ID."""
-
-    NAME = "llm"
-    REQUEST_ID = TensorSpec("REQUEST_ID", "TYPE_STRING", (1,))
-    INPUT_IDS = TensorSpec("INPUT_IDS", "TYPE_INT64", (-1,), optional=True)
-    MEDIA_EMBEDS = TensorSpec("MEDIA_EMBEDS", "TYPE_FP32", (-1, -1), optional=True)
-    # The media's content keys let the llm's prefix cache match them without hashing embeddings.
-    MEDIA_KEYS = TensorSpec("MEDIA_KEYS", "TYPE_STRING", (-1,), optional=True)
-    MEDIA_GRID_THW = TensorSpec("MEDIA_GRID_THW", "TYPE_INT64", (-1, 3), optional=True)
-    SAMPLING = TensorSpec("SAMPLING", "TYPE_STRING", (1,), optional=True)  # JSON object
-    ABORT = TensorSpec("ABORT", "TYPE_BOOL", (1,), optional=True)
-    TOKEN_IDS = TensorSpec("TOKEN_IDS", "TYPE_INT64", (-1,))
-    FINISH_REASON = TensorSpec("FINISH_REASON", "TYPE_STRING", (1,))  # on the last response only
-    # Only when the request asks for logprobs: the sampled tokens', then the top ones of each step.
-    LOGPROBS = TensorSpec("LOGPROBS", "TYPE_FP32", (-1,))
-    TOP_LOGPROB_IDS = TensorSpec("TOP_LOGPROB_IDS", "TYPE_INT64", (-1, -1))
-    TOP_LOGPROBS = TensorSpec("TOP_LOGPROBS", "TYPE_FP32", (-1, -1))
-    # On the first response: the prompt tokens the prefix cache served.
-    CACHED_TOKENS = TensorSpec("CACHED_TOKENS", "TYPE_INT32", (1,))
-    inputs = (REQUEST_ID, INPUT_IDS, MEDIA_EMBEDS, MEDIA_KEYS, MEDIA_GRID_THW, SAMPLING, ABORT)
-    outputs = (TOKEN_IDS, FINISH_REASON, LOGPROBS, TOP_LOGPROB_IDS, TOP_LOGPROBS, CACHED_TOKENS)
-
-
 class VLM:
-    """The decoupled BLS model clients call: a JSON request and media bytes in, text streamed out."""
+    """The decoupled model clients call, which owns the LLM engine: a JSON request and media bytes in, text
+    streamed out. Every response has TEXT (LOGPROBS too when asked for); the last one also the rest."""
 
     NAME = "vlm"
     REQUEST = TensorSpec("REQUEST", "TYPE_STRING", (1,))  # JSON: messages or prompt, and sampling
     MEDIA = TensorSpec("MEDIA", "TYPE_STRING", (-1,), optional=True)  # bytes of each image/video part, in order
-    TEXT = TensorSpec("TEXT", "TYPE_STRING", (1,))
+    # UTF-8 as bytes: a BYTES tensor costs the sending model a serialization in Python for every response.
+    TEXT = TensorSpec("TEXT", "TYPE_UINT8", (-1,))
     # The finish reason and the usage counts: on the last response only.
     FINISH_REASON = TensorSpec("FINISH_REASON", "TYPE_STRING", (1,))
     PROMPT_TOKENS = TensorSpec("PROMPT_TOKENS", "TYPE_INT32", (1,))
     COMPLETION_TOKENS = TensorSpec("COMPLETION_TOKENS", "TYPE_INT32", (1,))
     CACHED_TOKENS = TensorSpec("CACHED_TOKENS", "TYPE_INT32", (1,))
-    LOGPROBS = TensorSpec("LOGPROBS", "TYPE_STRING", (1,))  # JSON: OpenAI's logprob entries of the tokens in TEXT
+    LOGPROBS = TensorSpec("LOGPROBS", "TYPE_UINT8", (-1,))  # UTF-8 JSON: OpenAI's logprob entries of TEXT's tokens
     inputs = (REQUEST, MEDIA)
     outputs = (TEXT, FINISH_REASON, PROMPT_TOKENS, COMPLETION_TOKENS, CACHED_TOKENS, LOGPROBS)
 

@@ -1,9 +1,9 @@
 """The sampling options one request may set: their one list, the server's defaults, and the context policy.
 
 The proxy forwards the options a client set, under these names. The `vlm` model checks them before any
-work, fills in the server's defaults and passes them on to the `llm` model. There, the vLLM engine
-takes every option (they are its SamplingParams fields); the native engine takes those marked for it
-and refuses the others by name. Adding an option means adding it here and to the proxy's request schema.
+work, fills in the server's defaults and hands them to vLLM, whose SamplingParams fields they are (stop
+strings included: vLLM's output processing matches them). Adding an option means adding it here and to
+the proxy's request schema.
 """
 
 from __future__ import annotations
@@ -21,13 +21,7 @@ DEFAULT_MAX_TOKENS = 512
 @dataclass(frozen=True)
 class Option:
     name: str
-    types: tuple[type, ...]  # its JSON types; ranges are checked where the option is used
-    native: bool = True  # the native engine implements it
-    label: str | None = None  # how a client asks for it, where that is not `name`
-
-    def refusal(self) -> InvalidRequest:
-        return InvalidRequest(f"{self.label or self.name} needs the vllm engine; this server runs the native "
-                              "reference engine (generate the repository with --llm-engine vllm)")
+    types: tuple[type, ...]  # its JSON types; vLLM checks the ranges
 
 
 _NUMBER = (int, float)
@@ -43,14 +37,10 @@ OPTIONS: dict[str, Option] = {option.name: option for option in (
     Option("repetition_penalty", _NUMBER),
     Option("stop", (list,)),
     Option("ignore_eos", (bool,)),
-    Option("min_tokens", (int,), native=False),
-    Option("logprobs", (int,), native=False),  # how many top tokens, besides the sampled one
-    Option("structured_outputs", (dict,), native=False,
-           label="structured output (response_format json_object or json_schema, a forced tool_choice, "
-                 "or structured_outputs)"),
+    Option("min_tokens", (int,)),
+    Option("logprobs", (int,)),  # how many top tokens, besides the sampled one
+    Option("structured_outputs", (dict,)),  # vLLM's StructuredOutputsParams fields
 )}
-# Matched on the text, in the `vlm` model; the engines never see them.
-TEXT_OPTIONS = ("stop",)
 # What a checkpoint's generation_config.json may set as the server's defaults, as vLLM's server reads it.
 _GENERATION_CONFIG_DEFAULTS = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
                                "repetition_penalty": "repetition_penalty", "max_new_tokens": "max_tokens"}
@@ -69,19 +59,6 @@ def check_options(fields: object) -> dict:
             raise InvalidRequest(f"sampling option {name} must be {' or '.join(t.__name__ for t in option.types)}, "
                                  f"got {value!r}")
     return {name: value for name, value in fields.items() if value is not None}
-
-
-def engine_options(fields: dict) -> dict:
-    """What the engine takes of a request's options."""
-    return {name: value for name, value in fields.items() if name not in TEXT_OPTIONS}
-
-
-def refuse_unless_native(fields: dict) -> None:
-    """InvalidRequest naming the first option set that the native engine does not implement."""
-    for name in fields:
-        option = OPTIONS.get(name)
-        if option is not None and not option.native:
-            raise option.refusal()
 
 
 def checkpoint_defaults(checkpoint: str | Path) -> dict:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
-import time
+from collections.abc import Mapping
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlmserve.contracts import encode_error
+from vlmserve.contracts import VLM, encode_error, raise_for_error
 from vlmserve.errors import InvalidRequest
+from vlmserve.outputs.processor import Delta
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 
 def model_parameters(args: dict) -> dict[str, str]:
@@ -39,20 +42,46 @@ def triton_error(exc: Exception) -> pb_utils.TritonError:
     return pb_utils.TritonError(encode_error(exc), code)
 
 
-class CancelWatch:
-    """Whether a request's client has gone, asked of Triton at most every POLL_S: each question is a round
-    trip to the server, and a stream asking at every token doubled the messages it cost."""
+async def bls_infer(model: str, inputs: Mapping[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+    """One BLS call of `model` (vlmserve.media.encoder.Infer); InvalidRequest for the client's mistakes."""
+    response = await pb_utils.InferenceRequest(
+        model_name=model, inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()],
+        requested_output_names=outputs).async_exec()
+    raise_for_error(response, model)
+    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
 
-    POLL_S = 0.1
+
+def _utf8(spec, text: str) -> pb_utils.Tensor:
+    return pb_utils.Tensor(spec.name, np.frombuffer(text.encode(), dtype=np.uint8))
+
+
+def _scalar(spec, value) -> pb_utils.Tensor:
+    return pb_utils.Tensor(spec.name, np.asarray([value], dtype=spec.numpy_dtype))
+
+
+class TritonStream:
+    """A decoupled response sender as a vlmserve.outputs.writer.ResponseStream: one response per delta, with
+    as few tensors as it needs (the finish reason and usage only on the last)."""
 
     def __init__(self, sender) -> None:
         self.sender = sender
-        self.cancelled = False
-        self.asked_at = -self.POLL_S
 
-    def __call__(self, now: bool = False) -> bool:
-        """The last answer, or a new one when it is older than POLL_S (or `now`)."""
-        at = time.monotonic()
-        if not self.cancelled and (now or at - self.asked_at >= self.POLL_S):
-            self.cancelled, self.asked_at = self.sender.is_cancelled(), at
-        return self.cancelled
+    def send(self, delta: Delta) -> None:
+        tensors = [_utf8(VLM.TEXT, delta.text)]
+        if delta.logprobs is not None:
+            tensors.append(_utf8(VLM.LOGPROBS, json.dumps(delta.logprobs)))
+        if delta.finished:
+            tensors += [_scalar(VLM.FINISH_REASON, delta.finish_reason.encode()),
+                        _scalar(VLM.PROMPT_TOKENS, delta.usage.prompt_tokens),
+                        _scalar(VLM.COMPLETION_TOKENS, delta.usage.completion_tokens),
+                        _scalar(VLM.CACHED_TOKENS, delta.usage.cached_tokens)]
+        self.sender.send(pb_utils.InferenceResponse(tensors), flags=FINAL if delta.finished else 0)
+
+    def fail(self, error: Exception) -> None:
+        self.sender.send(pb_utils.InferenceResponse(error=triton_error(error)), flags=FINAL)
+
+    def close(self) -> None:
+        self.sender.send(flags=FINAL)  # without the final flag Triton counts the request in flight forever
+
+    def is_cancelled(self) -> bool:
+        return self.sender.is_cancelled()

@@ -1,7 +1,9 @@
 """The `vlm` model's own settings, as the repository generator writes them into its config.pbtxt.
 
 Its media limits travel in the same parameters, as vlmserve.media.settings.MediaSettings (the
-`preprocess` model gets the same ones, so both resolve a medium alike).
+`preprocess` model gets the same ones, so both resolve a medium alike); its engine's settings in
+`vlm/1/engine.json` (vlmserve.engine.config). The proxy reads these parameters from Triton, so each
+has one owner: the repository.
 """
 
 from __future__ import annotations
@@ -15,8 +17,14 @@ from vlmserve.vit.packing import MAX_PATCHES_PER_CALL
 @dataclass(frozen=True)
 class VlmSettings(ModelParameters):
     checkpoint_dir: str
-    max_model_len: int = 0  # 0: the checkpoint's max_position_embeddings; longer prompts are refused first
+    served_model_name: str  # the model name of the OpenAI API
     max_media_per_request: int = 16
-    max_concurrent_streams: int = 256  # threads that read `llm` response streams
     vit_max_patches: int = MAX_PATCHES_PER_CALL  # packing budget per `vit` call
     vit_cache: bool = True  # whether a `vit_cache` model is there to ask
+    # Threads that send responses: each send is a round trip to tritonserver, and several in flight keep one
+    # slow round trip from holding up every other stream.
+    response_threads: int = 4
+    # How much lower than its engine's the priority (nice) of this model's own threads is: on a host with few
+    # cores, vLLM's engine core and worker then never wait for the threads that only carry its output, which
+    # catch up with several tokens per response instead. The engine keeps the priority the model started with.
+    frontend_niceness: int = 10

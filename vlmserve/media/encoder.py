@@ -10,19 +10,18 @@ For the media of one request:
    from the grids) before any ViT work;
 5. pack the misses into as few `vit` calls as the patch budget allows (`vlmserve.vit.packing`), run
    those calls concurrently and store the results in the cache.
-Runs inside tritonserver only (BLS calls).
+The three models are reached through `infer` (BLS calls inside tritonserver: vlmserve.triton_utils.bls_infer).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
-from vlmserve.contracts import PREPROCESS, VIT, VIT_CACHE, raise_for_error
+from vlmserve.contracts import PREPROCESS, VIT, VIT_CACHE
 from vlmserve.media.settings import MediaSettings, MediumOptions
 from vlmserve.media.preprocessing import VisionPreprocessor
 from vlmserve.vit.packing import pack_vit_calls, split_embeddings
@@ -30,6 +29,9 @@ from vlmserve.vlm_settings import VlmSettings
 
 # Called with the grid_thw of every part, in order, before any ViT call; raises InvalidRequest to reject.
 Admission = Callable[[list[np.ndarray]], None]
+# One call of a model: (model name, inputs by name, output names) -> outputs by name; InvalidRequest for the
+# client's mistakes (bad media).
+Infer = Callable[[str, Mapping[str, np.ndarray], list[str]], Awaitable[dict[str, np.ndarray]]]
 
 
 @dataclass(frozen=True)
@@ -69,20 +71,14 @@ class _Abandoned(Exception):
     """The request that ran an encoding stopped before its ViT call (rejected or cancelled): joiners redo it."""
 
 
-async def _infer(model: str, inputs: Mapping[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-    response = await pb_utils.InferenceRequest(
-        model_name=model, inputs=[pb_utils.Tensor(name, value) for name, value in inputs.items()],
-        requested_output_names=outputs).async_exec()
-    raise_for_error(response, model)  # InvalidRequest for bad media: the client's mistake, not ours
-    return {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in outputs}
-
-
 def _key_tensor(key: str) -> np.ndarray:
     return np.asarray([key.encode()], dtype=np.object_)
 
 
 class MediaEncoder:
-    def __init__(self, settings: MediaSettings, merge_size: int, max_patches: int, use_cache: bool) -> None:
+    def __init__(self, infer: Infer, settings: MediaSettings, merge_size: int, max_patches: int,
+                 use_cache: bool) -> None:
+        self.infer = infer
         self.settings = settings
         self.merge_size = merge_size
         self.max_patches = max_patches
@@ -90,11 +86,11 @@ class MediaEncoder:
         self._running: dict[str, asyncio.Future] = {}  # key -> result of an encoding in progress
 
     @classmethod
-    def from_settings(cls, settings: VlmSettings, params: Mapping[str, str]) -> MediaEncoder:
+    def from_settings(cls, infer: Infer, settings: VlmSettings, params: Mapping[str, str]) -> MediaEncoder:
         """Media settings (in ``params``) as the `preprocess` model resolves them, so cache keys match what
         it produces."""
         preprocessor = VisionPreprocessor.from_pretrained(settings.checkpoint_dir)
-        return cls(preprocessor.media_settings().with_parameters(params), preprocessor.merge_size,
+        return cls(infer, preprocessor.media_settings().with_parameters(params), preprocessor.merge_size,
                    settings.vit_max_patches, settings.vit_cache)
 
     async def encode(self, parts: list[dict], media: list[bytes], admit: Admission | None = None) -> list[Encoded]:
@@ -167,7 +163,7 @@ class MediaEncoder:
             grids = [value.grid_thw for value in todo.values()]
             calls = pack_vit_calls([value.pixels for value in todo.values()], grids, self.merge_size,
                                    self.max_patches)
-            outputs = await asyncio.gather(*(_infer(VIT.NAME, call, [VIT.IMAGE_EMBEDS.name]) for call in calls))
+            outputs = await asyncio.gather(*(self.infer(VIT.NAME, call, [VIT.IMAGE_EMBEDS.name]) for call in calls))
             embeds = split_embeddings([out[VIT.IMAGE_EMBEDS.name] for out in outputs], grids, self.merge_size)
             fresh = [Encoded(key, grid, e) for key, grid, e in zip(todo, grids, embeds)]
             if self.use_cache:
@@ -182,11 +178,11 @@ class MediaEncoder:
             value = getattr(medium.options, name)
             if value is not None:
                 inputs[spec.name] = np.asarray([value], dtype=spec.numpy_dtype)
-        out = await _infer(PREPROCESS.NAME, inputs, [PREPROCESS.PIXEL_VALUES.name, PREPROCESS.GRID_THW.name])
+        out = await self.infer(PREPROCESS.NAME, inputs, [PREPROCESS.PIXEL_VALUES.name, PREPROCESS.GRID_THW.name])
         return _Preprocessed(out[PREPROCESS.PIXEL_VALUES.name], out[PREPROCESS.GRID_THW.name].reshape(3))
 
     async def _lookup(self, key: str) -> Encoded | None:
-        out = await _infer(VIT_CACHE.NAME, {VIT_CACHE.KEY.name: _key_tensor(key)},
+        out = await self.infer(VIT_CACHE.NAME, {VIT_CACHE.KEY.name: _key_tensor(key)},
                            [spec.name for spec in VIT_CACHE.outputs])
         if not out[VIT_CACHE.FOUND.name][0]:
             return None
@@ -195,4 +191,4 @@ class MediaEncoder:
     async def _store(self, value: Encoded) -> None:
         inputs = {VIT_CACHE.KEY.name: _key_tensor(value.key), VIT_CACHE.EMBEDS.name: value.embeds,
                   VIT_CACHE.GRID_THW.name: value.grid_thw}
-        await _infer(VIT_CACHE.NAME, inputs, [VIT_CACHE.FOUND.name])
+        await self.infer(VIT_CACHE.NAME, inputs, [VIT_CACHE.FOUND.name])

@@ -74,10 +74,8 @@ class PromptBuilder:
             raise InvalidRequest("more media inputs than image/video parts in the messages")
         return np.asarray(out, dtype=np.int64)
 
-    def raw(self, prompt: object) -> np.ndarray:
+    def raw(self, prompt: str) -> np.ndarray:
         """Token ids of a plain-text prompt (OpenAI text completions): no chat template, no media."""
-        if not isinstance(prompt, str) or not prompt:
-            raise InvalidRequest("prompt must be a non-empty string")
         ids = np.asarray(self.tokenizer(prompt)["input_ids"], dtype=np.int64)
         if np.isin(ids, list(self.pad_ids.values())).any():
             raise InvalidRequest("a text prompt cannot hold image or video pad tokens")

@@ -1,0 +1,101 @@
+"""The `vlm` model without Triton: one request from its JSON and media bytes to its stream's last delta.
+
+Everything a request does runs on one event loop of ours (a thread, as Triton's vllm_backend runs
+vLLM): the input side (vlmserve.inputs: prompt ids, media through the vision models), vLLM's engine
+(vlmserve.engine), and the output side (vlmserve.outputs: deltas, sent by the writer's threads). A
+generated token crosses one Python process, this one, on its way from vLLM's engine core to Triton.
+A client that goes away cancels its request's task wherever it is, which aborts it in the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
+
+from transformers import AutoTokenizer
+
+from vlmserve.engine.config import EngineConfig
+from vlmserve.engine.vllm_engine import VllmEngine
+from vlmserve.inputs.processor import InputProcessor
+from vlmserve.inputs.request import parse_request
+from vlmserve.media.encoder import Infer
+from vlmserve.outputs.processor import RequestState
+from vlmserve.outputs.token_bytes import TokenBytes
+from vlmserve.outputs.writer import Outbox, ResponseStream, ResponseWriter
+from vlmserve.priority import lower_priority
+from vlmserve.vlm_settings import VlmSettings
+
+# Threads for the media's model calls (a BLS call blocks a thread until its model answers): enough that the
+# images of many requests are looked up, preprocessed and encoded at once.
+MODEL_CALL_THREADS = 32
+
+
+class VlmService:
+    def __init__(self, settings: VlmSettings, params: Mapping[str, str], engine_config: EngineConfig,
+                 infer: Infer) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.loop.set_default_executor(ThreadPoolExecutor(MODEL_CALL_THREADS, thread_name_prefix="vlm-calls"))
+        self._thread = threading.Thread(target=self.loop.run_forever, name="vlm-loop", daemon=True)
+        self._thread.start()
+        self._tasks: set[asyncio.Task] = set()
+        # vLLM's engine belongs to the loop it is created on. Its engine core starts in processes of its own
+        # meanwhile this one loads the rest: a model that comes back after a crash is ready sooner.
+        engine = asyncio.run_coroutine_threadsafe(self._create_engine(engine_config), self.loop)
+        tokenizer = AutoTokenizer.from_pretrained(settings.checkpoint_dir)
+        self.token_bytes = TokenBytes(tokenizer)
+        make_inputs = InputProcessor.loader(settings, params, infer, tokenizer)
+        self.engine = engine.result()
+        lower_priority(settings.frontend_niceness)  # the engine's processes, started by now, keep theirs
+        self.inputs = make_inputs(self.engine.max_model_len)
+        self.writer = ResponseWriter(settings.response_threads)
+
+    def run_on_loop(self, coroutine):
+        """Run `coroutine` on the service's loop (where its engine lives) and wait for its result."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    @staticmethod
+    async def _create_engine(config: EngineConfig) -> VllmEngine:
+        return VllmEngine(config.engine_args())
+
+    @property
+    def active_requests(self) -> int:
+        return len(self._tasks)
+
+    def submit(self, raw_request: bytes, media: list[bytes], stream: ResponseStream) -> None:
+        """Serve one request (any thread); its responses, or its error, go to `stream`."""
+        outbox = self.writer.open(stream)
+        self.loop.call_soon_threadsafe(self._start, raw_request, media, outbox)
+
+    def _start(self, raw_request: bytes, media: list[bytes], outbox: Outbox) -> None:
+        task = self.loop.create_task(self._serve(raw_request, media, outbox))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        outbox.on_cancel = lambda: self.loop.call_soon_threadsafe(task.cancel)
+
+    async def _serve(self, raw_request: bytes, media: list[bytes], outbox: Outbox) -> None:
+        try:
+            request = await self.inputs.process(parse_request(raw_request, len(media)), media)
+            state = RequestState(len(request.prompt_ids), request.sampling.get("logprobs"), self.token_bytes)
+            async for output in self.engine.generate(request, uuid.uuid4().hex):
+                delta = state.process(output)
+                if delta is not None:
+                    outbox.push(delta)
+        except asyncio.CancelledError:  # the client has gone: the engine has aborted the request
+            outbox.close()
+        except Exception as exc:
+            outbox.fail(exc)
+
+    def shutdown(self) -> None:
+        async def stop() -> None:
+            for task in list(self._tasks):
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+            self.engine.shutdown()
+
+        self.run_on_loop(stop())
+        self.writer.shutdown()
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(timeout=10)
