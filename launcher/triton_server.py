@@ -132,6 +132,9 @@ class TritonServer:
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
             "--exit-on-error=true", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             "--model-control-mode=explicit", "--load-model=*",
+            # Our configs are complete; auto-completion would start each Python model's stub once more just to
+            # ask it (for `vlm`, a whole import of vLLM: ~7 s of every load and reload).
+            "--disable-auto-complete-config",
             # Our own region names, so that a stop (or the next start) finds and removes exactly ours.
             f"--backend-config=python,shm-region-prefix-name={self.deployment.shm_prefix}",
             *self.extra_args,

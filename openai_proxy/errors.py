@@ -14,7 +14,7 @@ from openai_proxy.media_fetch import MediaFetchError
 
 logger = logging.getLogger(__name__)
 
-RETRY_AFTER_S = "5"  # seconds: a model process comes back in a few (vLLM's `llm` in some tens)
+RETRY_AFTER_S = "5"  # seconds: a model process comes back in a few (`vlm`, which starts vLLM, in some tens)
 
 
 class APIError(Exception):
