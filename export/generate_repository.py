@@ -17,23 +17,22 @@ the media limits (`--max-pixels`, `--max-frames`, `--video-max-pixels`, ...) go 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from export.build_trt_engine import ProcessorLimits, read_profile
 from vlmserve.contracts import PREPROCESS, VIT, VIT_CACHE, VLM, TensorSpec
 from vlmserve.engine.config import CONFIG_FILE, EngineConfig
-from vlmserve.media.settings import MediaSettings, capped_max_pixels
+from export.repository_options import (DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_MEMORY_UTILIZATION, MEDIA_PARAMETERS,
+                                       RepositoryOptions, add_repository_arguments, repository_options)
+from vlmserve.media.settings import capped_max_pixels
 from vlmserve.vit.settings import VitCacheSettings, VitRunnerSettings
 from vlmserve.vlm_settings import VlmSettings
 from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL, MAX_PATCHES_PER_CALL
 
 SOURCE_REPOSITORY = Path(__file__).resolve().parent.parent / "model_repository"
-MEDIA_PARAMETERS = tuple(f.name for f in dataclasses.fields(MediaSettings))
 
 
 def default_vit_cpu_threads(cpu_count: int, vit_instances: int) -> int:
@@ -45,48 +44,29 @@ def default_vit_max_patches(target: str) -> int:
     return MAX_PATCHES_PER_CALL if target == "gpu" else CPU_MAX_PATCHES_PER_CALL
 
 
-@dataclass
-class RepositoryOptions:
-    checkpoint: Path
-    out: Path
-    target: str = "cpu"
-    vit_onnx: Path | None = None
-    vit_engine: Path | None = None
-    gpus: list[int] = field(default_factory=lambda: [0])
-    vit_instances_per_gpu: int = 1
-    vit_cpu_instances: int = 1
-    vit_cpu_threads: int | None = None  # None: default_vit_cpu_threads(os.cpu_count(), ...)
-    vit_max_patches: int | None = None  # packing budget per vit call (None: the target's default)
-    vit_cache_mb: float = 512.0  # 0 turns the ViT embedding cache off
-    media: dict[str, str] = field(default_factory=dict)  # MediaSettings overrides, e.g. {"max_frames": "64"}
-    preprocess_instances: int = 2
-    served_model_name: str | None = None  # the OpenAI API's model name; None: the checkpoint directory's name
-    # The engine's settings (one EngineConfig, vlm/1/engine.json). 0 / None: vLLM's own default.
-    llm_dtype: str = "float32"
-    max_model_len: int = 0
-    max_num_seqs: int = 0
-    max_num_batched_tokens: int = 0
-    kv_block_size: int = 0  # tokens per paged KV cache block
-    kv_cache_bytes: int = 0  # the KV pool; 0: DEFAULT_CPU_KV_CACHE_BYTES on cpu, a share of GPU memory on gpu
-    gpu_memory_utilization: float = 0.0  # on gpu; 0: DEFAULT_GPU_MEMORY_UTILIZATION
-    tensor_parallel_size: int = 0  # 0: one shard per GPU in `gpus` (1 on cpu)
-    enforce_eager: bool = False  # no torch.compile / CUDA graphs (starts faster, decodes slower)
-    quantization: str | None = None  # e.g. "fp8", "awq"
-    enable_prefix_caching: bool = True
-    llm_engine_args: dict = field(default_factory=dict)  # more engine arguments, passed through as they are
+# Where a checkpoint's config says its context length, as vLLM reads it (the least of those present).
+CONTEXT_LENGTH_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                       "max_sequence_length", "max_seq_length", "seq_len")
 
 
-# vLLM's KV cache on a CPU host.
-DEFAULT_CPU_KV_CACHE_BYTES = 2 * 2**30
-# vLLM's share of each GPU's memory: what the TensorRT ViT instances on the same GPUs need stays free.
-DEFAULT_GPU_MEMORY_UTILIZATION = 0.8
+def checkpoint_max_model_len(checkpoint: Path) -> int:
+    """The context length a checkpoint was trained for (its config.json, or its text_config's)."""
+    config = json.loads((checkpoint / "config.json").read_text())
+    lengths = [int(section[key]) for section in (config, config.get("text_config") or {})
+               for key in CONTEXT_LENGTH_KEYS if isinstance(section.get(key), (int, float))]
+    if not lengths:
+        raise ValueError(f"{checkpoint / 'config.json'} names no context length: pass --max-model-len")
+    return min(lengths)
 
 
 def engine_config(opts: RepositoryOptions) -> EngineConfig:
-    """The engine's arguments, as vLLM names them."""
+    """The engine's arguments, as vLLM names them. The context length is always explicit, so that the proxy
+    and `/v1/models` know it without asking vLLM."""
     on_gpu = opts.target == "gpu"
-    args = {"dtype": opts.llm_dtype, "enable_prefix_caching": opts.enable_prefix_caching,
-            "max_model_len": opts.max_model_len, "max_num_seqs": opts.max_num_seqs,
+    args = {"dtype": opts.dtype, "enable_prefix_caching": opts.enable_prefix_caching,
+            "max_model_len": (opts.max_model_len or opts.llm_engine_args.get("max_model_len")
+                              or checkpoint_max_model_len(opts.checkpoint)),
+            "max_num_seqs": opts.max_num_seqs,
             "max_num_batched_tokens": opts.max_num_batched_tokens, "block_size": opts.kv_block_size,
             "enforce_eager": opts.enforce_eager, "quantization": opts.quantization,
             "tensor_parallel_size": opts.tensor_parallel_size or (len(opts.gpus) if on_gpu else 1)}
@@ -172,7 +152,8 @@ def vlm_config(opts: RepositoryOptions) -> str:
     settings = VlmSettings(checkpoint_dir=str(opts.checkpoint.resolve()),
                            served_model_name=opts.served_model_name or opts.checkpoint.resolve().name,
                            vit_max_patches=opts.vit_max_patches or default_vit_max_patches(opts.target),
-                           vit_cache=opts.vit_cache_mb > 0)
+                           vit_cache=opts.vit_cache_mb > 0,
+                           max_model_len=int(engine_config(opts).args["max_model_len"]))
     # One instance: the engine batches all requests itself (and spans GPUs with tensor parallelism).
     return _config(VLM, 'backend: "python"', _cpu_instances(1), {**_media_parameters(opts), **settings.parameters()},
                    decoupled=True, comment=f"The engine's settings: 1/{CONFIG_FILE}")
@@ -231,57 +212,19 @@ def generate_repository(opts: RepositoryOptions) -> Path:
     return opts.out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--target", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--vit-onnx", type=Path)
-    parser.add_argument("--vit-engine", type=Path)
-    parser.add_argument("--gpus", default="0", help="comma-separated GPU ids; one ViT instance group per GPU")
-    parser.add_argument("--vit-instances-per-gpu", type=int, default=1)
-    parser.add_argument("--vit-cpu-instances", type=int, default=1)
-    parser.add_argument("--vit-cpu-threads", type=int, help="default: the cores the LLM leaves, per instance")
-    parser.add_argument("--vit-max-patches", type=int, help=f"packing budget per vit call (default: gpu "
-                        f"{MAX_PATCHES_PER_CALL}, at most the engine profile's max; cpu {CPU_MAX_PATCHES_PER_CALL})")
-    parser.add_argument("--vit-cache-mb", type=float, default=512.0, help="ViT embedding cache budget; 0: off")
-    for name in MEDIA_PARAMETERS:
-        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, help="default: vlmserve/media/settings.py")
-    parser.add_argument("--preprocess-instances", type=int, default=2)
-    parser.add_argument("--served-model-name", help="the OpenAI API's model name (default: the checkpoint "
-                        "directory's name)")
-    llm = parser.add_argument_group("llm engine (0: vLLM's default)")
-    llm.add_argument("--llm-dtype", default=None, help="default: float32 on cpu, bfloat16 on gpu")
-    llm.add_argument("--max-model-len", type=int, default=0, help="context length (default: the checkpoint's)")
-    llm.add_argument("--max-num-seqs", type=int, default=0)
-    llm.add_argument("--max-num-batched-tokens", type=int, default=0)
-    llm.add_argument("--kv-cache-bytes", type=int, default=0,
-                     help=f"KV pool size (default: {DEFAULT_CPU_KV_CACHE_BYTES >> 30} GiB on cpu)")
-    llm.add_argument("--kv-block-size", type=int, default=0)
-    llm.add_argument("--gpu-memory-utilization", type=float, default=0.0,
-                     help=f"on gpu (default {DEFAULT_GPU_MEMORY_UTILIZATION}: the rest is for the ViT)")
-    llm.add_argument("--tensor-parallel-size", type=int, default=0, help="default: one shard per GPU in --gpus")
-    llm.add_argument("--enforce-eager", action="store_true", help="no torch.compile / CUDA graphs")
-    llm.add_argument("--quantization", help="e.g. fp8, awq")
-    llm.add_argument("--no-prefix-caching", action="store_true", help="turn the LLM's prefix cache off")
-    llm.add_argument("--llm-engine-args", type=json.loads, default={},
-                     help='more engine arguments as JSON, passed through, e.g. \'{"swap_space": 8}\'')
-    args = parser.parse_args(argv)
-    opts = RepositoryOptions(
-        checkpoint=args.checkpoint, out=args.out, target=args.target, vit_onnx=args.vit_onnx,
-        vit_engine=args.vit_engine, gpus=[int(g) for g in args.gpus.split(",")],
-        vit_instances_per_gpu=args.vit_instances_per_gpu, vit_cpu_instances=args.vit_cpu_instances,
-        vit_cpu_threads=args.vit_cpu_threads, vit_max_patches=args.vit_max_patches, vit_cache_mb=args.vit_cache_mb,
-        media={name: getattr(args, name) for name in MEDIA_PARAMETERS if getattr(args, name) is not None},
-        preprocess_instances=args.preprocess_instances, served_model_name=args.served_model_name,
-        llm_dtype=args.llm_dtype or ("bfloat16" if args.target == "gpu" else "float32"),
-        max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-        max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_bytes=args.kv_cache_bytes,
-        kv_block_size=args.kv_block_size, gpu_memory_utilization=args.gpu_memory_utilization,
-        tensor_parallel_size=args.tensor_parallel_size, enforce_eager=args.enforce_eager,
-        quantization=args.quantization, enable_prefix_caching=not args.no_prefix_caching,
-        llm_engine_args=args.llm_engine_args)
-    print(generate_repository(opts))
+    parser.add_argument("--vit-onnx", type=Path, help="the exported vision tower of the cpu target")
+    add_repository_arguments(parser, gpu=True)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    print(generate_repository(repository_options(args, args.checkpoint, args.out, args.target, args.vit_onnx)))
 
 
 if __name__ == "__main__":

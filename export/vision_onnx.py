@@ -28,6 +28,7 @@ import argparse
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -325,15 +326,18 @@ def _finish_model(tmp_path: Path, out_path: Path) -> None:
 
 
 def export_vision_onnx(
-    checkpoint_dir: str | Path, out_path: str | Path, opset: int = 17, attention: str = "segments"
+    checkpoint_dir: str | Path, out_path: str | Path, opset: int = 17, attention: str = "segments",
+    report: Callable[[str], None] = lambda _: None,
 ) -> Path:
     """Export the checkpoint's vision tower to ``out_path`` and check it with onnx.checker.
 
     ``attention``: "segments" for ONNX Runtime, "masked" for TensorRT (see the module docstring).
+    ``report`` hears of each step as it ends (a large tower takes minutes).
     """
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     visual = load_vision_tower(checkpoint_dir)
+    report("vision tower: weights loaded")
     wrapper = VisionTowerForExport(visual, attention).eval()
     patches = {0: "num_patches"}
     with tempfile.TemporaryDirectory(dir=out_path.parent) as tmp, torch.no_grad():
@@ -352,6 +356,7 @@ def export_vision_onnx(
             dynamic_axes={**dict.fromkeys(INPUT_NAMES, patches), OUTPUT_NAME: {0: "num_tokens"}},
             custom_opsets={_PLACEHOLDER_DOMAIN: 1},
         )
+        report("vision tower: traced to ONNX")
         _finish_model(tmp_path, out_path)
     # Path-based check: also valid for models stored with external data.
     onnx.checker.check_model(str(out_path), full_check=True)

@@ -13,21 +13,36 @@ from pathlib import Path
 from export.generate_repository import RepositoryOptions, generate_repository
 from export.vision_onnx import export_vision_onnx
 from launcher.lifecycle import Deployment
-from launcher.processes import OWN_GROUP, listening_socket, open_log, stop_process, wait_healthy
+from launcher.progress import Report, silent
+from launcher.processes import OWN_GROUP, TRITON_STOP_S, listening_socket, open_log, stop_process, wait_healthy
 from launcher.supervisor import Supervisor
 from launcher.triton_server import REPO_ROOT, ServerExited, TritonPorts, TritonServer, triton_environment
 
 logger = logging.getLogger(__name__)
 
 
+def cpu_repository_options(checkpoint: Path, workdir: Path, **options) -> RepositoryOptions:
+    """The options of the CPU repository in ``workdir`` (its ViT exported to workdir/vit.onnx)."""
+    return RepositoryOptions(checkpoint=checkpoint, out=workdir / "model_repository", target="cpu",
+                             vit_onnx=workdir / "vit.onnx", **options)
+
+
+def write_cpu_repository(opts: RepositoryOptions, report: Report = silent) -> Path:
+    """Export the vision tower to `opts.vit_onnx` (once per checkpoint) and write the CPU model repository."""
+    onnx_path = opts.vit_onnx
+    onnx_path.parent.mkdir(parents=True, exist_ok=True)
+    if not onnx_path.exists() or onnx_path.stat().st_mtime < (opts.checkpoint / "config.json").stat().st_mtime:
+        report(f"exporting the vision tower to {onnx_path}")
+        export_vision_onnx(opts.checkpoint, onnx_path, report=report)
+        report("vision tower exported and checked")
+    repository = generate_repository(opts)
+    report(f"model repository written: {repository}")
+    return repository
+
+
 def prepare_cpu_repository(checkpoint: Path, workdir: Path, **options) -> Path:
     """Export the vision tower (once per checkpoint) and write the CPU model repository."""
-    workdir.mkdir(parents=True, exist_ok=True)
-    onnx_path = workdir / "vit.onnx"
-    if not onnx_path.exists() or onnx_path.stat().st_mtime < (checkpoint / "config.json").stat().st_mtime:
-        export_vision_onnx(checkpoint, onnx_path)
-    return generate_repository(RepositoryOptions(checkpoint=checkpoint, out=workdir / "model_repository",
-                                                 target="cpu", vit_onnx=onnx_path, **options))
+    return write_cpu_repository(cpu_repository_options(checkpoint, workdir, **options))
 
 
 @dataclass
@@ -68,8 +83,6 @@ class ProxyProcess:
 
 
 START_ATTEMPTS = 3
-# Time tritonserver gets to exit on SIGTERM in `Stack.stop`, once the proxy has drained: then it is killed.
-TRITON_STOP_S = 3.0
 
 
 @dataclass
@@ -97,11 +110,14 @@ class Stack:
                              extra_args=proxy_args, deployment=deployment)
         return cls(triton, proxy, deployment, proxy_stop_s)
 
-    def start(self) -> None:
+    def start(self, report: Report = silent) -> None:
+        """Start tritonserver, then the proxy; ``report`` hears of each phase."""
         self.deployment.remove_all()
         try:
-            self._start_triton()
+            report("starting tritonserver: loading the models")
+            self._start_triton(report)
             self.proxy.start()
+            report("proxy up")
         except BaseException:  # a Ctrl-C during the start too
             self.stop()
             raise
@@ -109,15 +125,16 @@ class Stack:
                                      on_requests_lost=self.proxy.lose_requests_in_flight)
         self.supervisor.start()
 
-    def _start_triton(self) -> None:
+    def _start_triton(self, report: Report) -> None:
         # Seen under heavy load: tritonserver aborts (boost lock_exception) while several stubs initialize
-        # at once. The supervisor restarts a running server that dies; a start gets the same second chance.
+        # at once. The supervisor restarts a running server that dies; a start gets the same second chance,
+        # unless a model failed to load (it would again).
         for attempt in range(START_ATTEMPTS):
             try:
-                self.triton.start()
+                self.triton.start(report=report)
                 return
-            except ServerExited:
-                if attempt == START_ATTEMPTS - 1:
+            except ServerExited as exited:
+                if exited.failure is not None or attempt == START_ATTEMPTS - 1:
                     raise
                 logger.exception("tritonserver died while starting; starting it again")
                 self.triton.kill()

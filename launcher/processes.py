@@ -18,6 +18,8 @@ import httpx
 # up to 16 s at a time for a core (a 10 ms sleep loop measured it, with vLLM's own server as with ours),
 # which stalls streams and delays cancellations by thousands of engine steps.
 OWN_GROUP = 0
+# Time tritonserver gets to exit on SIGTERM in `Stack.stop`, once the proxy has drained: then it is killed.
+TRITON_STOP_S = 3.0
 
 
 def free_ports(count: int) -> list[int]:

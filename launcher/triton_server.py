@@ -22,6 +22,8 @@ import tritonclient.grpc as grpcclient
 
 from launcher.lifecycle import Deployment, parent_pids
 from launcher.processes import OWN_GROUP, free_ports, open_log
+from launcher.progress import Report, silent
+from launcher.startup_log import LoadFailure, StartupLog
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -76,7 +78,11 @@ class TritonPorts:
 
 
 class ServerExited(RuntimeError):
-    """tritonserver exited while it was starting."""
+    """tritonserver exited while it was starting; `failure`: a model that failed to load, and why."""
+
+    def __init__(self, message: str, failure: LoadFailure | None = None) -> None:
+        super().__init__(message)
+        self.failure = failure
 
 
 @dataclass(frozen=True)
@@ -140,22 +146,29 @@ class TritonServer:
             *self.extra_args,
         ]
 
-    def start(self, timeout_s: float = 300.0) -> None:
+    def start(self, timeout_s: float = 300.0, report: Report = silent) -> None:
+        """Start the server and return once every model is ready; ``report`` hears of each phase (from the log)."""
         with self._lock, open_log(self.log_path) as log:
             if self._stopped:
                 raise RuntimeError("tritonserver was stopped")
+            startup_log = StartupLog(self.log_path)
             # A process group of its own (what `kill` finds), in our session: see launcher.processes.OWN_GROUP.
             self.process = subprocess.Popen(self.command(), env=self.deployment.environment(triton_environment()),
                                             stdout=log, stderr=subprocess.STDOUT, process_group=OWN_GROUP)
-        self.wait_ready(timeout_s)
+        self.wait_ready(timeout_s, startup_log, report)
 
-    def wait_ready(self, timeout_s: float) -> None:
+    def wait_ready(self, timeout_s: float, startup_log: StartupLog, report: Report = silent) -> None:
         client = grpcclient.InferenceServerClient(self.grpc_url)
         deadline = time.monotonic() + timeout_s
         try:
             while time.monotonic() < deadline:
+                for phase in startup_log.new_phases():
+                    report(phase)
                 if self.process is not None and self.process.poll() is not None:
-                    raise ServerExited(f"tritonserver exited with code {self.process.returncode}; see {self.log_path}")
+                    failure = startup_log.failure()
+                    raise ServerExited(f"tritonserver exited with code {self.process.returncode}"
+                                       + (f": model {failure.model}: {failure.reason}" if failure else "")
+                                       + f"; see {self.log_path}", failure)
                 try:
                     if client.is_server_ready():
                         return

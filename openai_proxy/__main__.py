@@ -17,14 +17,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import socket
 
 import uvicorn
 
-from openai_proxy.address_guard import parse_networks
 from openai_proxy.app import create_app
+from openai_proxy.cli import add_proxy_arguments, check_proxy_arguments, proxy_settings
 from openai_proxy.lifetimes import RequestLifetimes
 from openai_proxy.settings import Settings
 from vlmserve.priority import lower_priority
@@ -51,50 +50,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def parse_settings(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
-    defaults = Settings()
     parser = argparse.ArgumentParser(prog="python -m openai_proxy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--triton-url", default=defaults.triton_url, help="Triton gRPC host:port")
-    parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--fd", type=int, default=None,
-                        help="serve on this inherited listening socket instead of binding --host/--port")
-    parser.add_argument("--api-key", default=os.environ.get("VLM_API_KEY") or None,
-                        help="require `Authorization: Bearer KEY` on /v1 routes (default: $VLM_API_KEY; unset: open)")
-    parser.add_argument("--max-request-bytes", type=int, default=defaults.max_request_bytes,
-                        help="larger request bodies get 413")
-    parser.add_argument("--max-concurrent-requests", type=int, default=defaults.max_concurrent_requests,
-                        help="completions in flight (streams included); more get 429")
-    parser.add_argument("--request-timeout-s", type=float, default=defaults.request_timeout_s,
-                        help="time limit of one request, media fetching and generation included")
-    parser.add_argument("--shutdown-grace-s", type=float, default=defaults.shutdown_grace_s,
-                        help="on SIGTERM/SIGINT, how long requests in flight may still run")
-    parser.add_argument("--max-media-bytes", type=int, default=defaults.max_media_bytes,
-                        help="size limit of one image or video")
-    parser.add_argument("--media-timeout-s", type=float, default=defaults.media_timeout_s,
-                        help="time limit to download one image or video")
-    parser.add_argument("--allow-private-media-urls", action="store_true",
-                        help="fetch media from any address, loopback and private networks included")
-    parser.add_argument("--allow-media-network", action="append", default=[], metavar="CIDR",
-                        help="fetch media from this network even if it is not public (repeatable)")
-    parser.add_argument("--niceness", type=int, default=10,
-                        help="run at this much lower priority (nice), as the vlm model's own threads do: on a host "
-                             "with few cores the LLM engine then never waits for what only carries its output")
-    parser.add_argument("--log-level", default="info")
+    add_proxy_arguments(parser, standalone=True)
     args = parser.parse_args(argv)
-    try:
-        parse_networks(args.allow_media_network)
-    except ValueError as exc:
-        parser.error(f"--allow-media-network: {exc}")
-
-    settings = Settings(
-        triton_url=args.triton_url, api_key=args.api_key,
-        max_request_bytes=args.max_request_bytes, max_concurrent_requests=args.max_concurrent_requests,
-        request_timeout_s=args.request_timeout_s, shutdown_grace_s=args.shutdown_grace_s,
-        max_media_bytes=args.max_media_bytes,
-        media_timeout_s=args.media_timeout_s, allow_private_media_urls=args.allow_private_media_urls,
-        allowed_media_networks=tuple(args.allow_media_network))
-    return settings, args
+    check_proxy_arguments(parser, args)
+    return proxy_settings(args), args
 
 
 def main(argv: list[str] | None = None) -> None:

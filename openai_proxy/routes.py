@@ -83,7 +83,8 @@ async def completions(body: CompletionRequest, request: Request,
 @router.get("/v1/models")
 async def models(request: Request, triton: TritonVLMClient = Depends(triton_client)) -> ModelList:
     served = await triton.settings()
-    return ModelList(data=[ModelCard(id=served.served_model_name, created=request.app.state.started)])
+    return ModelList(data=[ModelCard(id=served.served_model_name, created=request.app.state.started,
+                                     max_model_len=served.max_model_len or None)])
 
 
 @router.get("/health")

@@ -129,6 +129,7 @@ class ModelCard(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "vlmserve"
+    max_model_len: int | None = None  # the context length, as vLLM's server reports it
 
 
 class ModelList(BaseModel):

@@ -178,7 +178,9 @@ def test_bad_image_is_a_400_and_the_server_carries_on(client, media_server):
 def test_models_and_health(stack, client):
     triton = tritonclient.grpc.InferenceServerClient(stack.triton.grpc_url)
     assert all(triton.is_model_ready(name) for name in ("preprocess", "vit", "vit_cache", "vlm"))
-    assert [m.id for m in client.models.list().data] == ["tiny-qwen2-vl"]
+    models = client.models.list().data
+    assert [m.id for m in models] == ["tiny-qwen2-vl"]
+    assert models[0].max_model_len == 4096  # the checkpoint's context length, reported as vLLM's server does
     assert httpx.get(stack.proxy.base_url.removesuffix("/v1") + "/health", timeout=10).status_code == 200
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -10,14 +11,27 @@ from export.generate_repository import (
     DEFAULT_CPU_KV_CACHE_BYTES,
     DEFAULT_GPU_MEMORY_UTILIZATION,
     RepositoryOptions,
+    build_parser,
+    checkpoint_max_model_len,
     default_vit_cpu_threads,
     generate_repository,
 )
 from export.build_trt_engine import write_profile
+from export.repository_options import repository_options
 from vlmserve.engine.config import EngineConfig
 from vlmserve.media.settings import MediaSettings
 from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL
 from vlmserve.vlm_settings import VlmSettings
+
+
+CONTEXT_LENGTH = 32768
+
+
+@pytest.fixture(autouse=True)
+def checkpoint_config(tmp_path):
+    """A checkpoint config as transformers writes Qwen2-VL's: the context length in its text_config."""
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"model_type": "qwen2_vl", "text_config": {"max_position_embeddings": CONTEXT_LENGTH}}))
 
 
 def fake_plan(checkpoint, max_patches: int = 16384):
@@ -45,8 +59,9 @@ def test_gpu_target_pins_one_vit_instance_group_per_gpu(tmp_path):
     assert config.checkpoint == str(tmp_path.resolve())
     assert config.args["tensor_parallel_size"] == 4
     assert config.args["gpu_memory_utilization"] == DEFAULT_GPU_MEMORY_UTILIZATION < 1
-    assert config.args["dtype"] == "float32" and config.args["enable_prefix_caching"] is True
-    assert "kv_cache_memory_bytes" not in config.args and "max_model_len" not in config.args  # vLLM's defaults
+    assert config.args["dtype"] == "bfloat16" and config.args["enable_prefix_caching"] is True
+    assert "kv_cache_memory_bytes" not in config.args  # vLLM sizes it from --gpu-memory-utilization
+    assert config.args["max_model_len"] == CONTEXT_LENGTH  # the checkpoint's, said explicitly
 
 
 def test_engine_config_is_passed_through_whole(tmp_path):
@@ -68,7 +83,27 @@ def test_cpu_defaults(tmp_path):
     config = EngineConfig.read(generate_repository(RepositoryOptions(
         checkpoint=tmp_path, out=tmp_path / "vllm", vit_onnx=onnx)) / "vlm" / "1")
     assert config.args == {"dtype": "float32", "enable_prefix_caching": True, "enforce_eager": False,
-                           "tensor_parallel_size": 1, "kv_cache_memory_bytes": DEFAULT_CPU_KV_CACHE_BYTES}
+                           "tensor_parallel_size": 1, "kv_cache_memory_bytes": DEFAULT_CPU_KV_CACHE_BYTES,
+                           "max_model_len": CONTEXT_LENGTH}
+
+
+def test_the_context_length_is_the_checkpoints_unless_set_and_the_proxy_knows_it(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(
+        {"max_position_embeddings": 4096, "text_config": {"max_position_embeddings": 32768, "seq_length": 8192}}))
+    assert checkpoint_max_model_len(tmp_path) == 4096  # the least of those given, as vLLM takes it
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="pass --max-model-len"):
+        checkpoint_max_model_len(tmp_path)
+    onnx = tmp_path / "vit.onnx"
+    onnx.write_bytes(b"onnx")
+    # Whichever way it is set (a flag, or the engine arguments passed whole), vlm's settings say the same.
+    for argv, expected in ((["--max-model-len", "2048"], 2048), (["--llm-engine-args", '{"max_model_len": 1024}'], 1024)):
+        args = build_parser().parse_args(["--checkpoint", str(tmp_path), "--out", str(tmp_path / "repo"),
+                                          "--vit-onnx", str(onnx), *argv])
+        repo = generate_repository(repository_options(args, args.checkpoint, args.out, args.target, args.vit_onnx))
+        assert EngineConfig.read(repo / "vlm" / "1").args["max_model_len"] == expected
+        assert f'key: "max_model_len" value: {{ string_value: "{expected}" }}' in \
+            (repo / "vlm" / "config.pbtxt").read_text()
 
 
 def test_cpu_target_serves_the_onnx_graph_from_python(tmp_path):
@@ -132,7 +167,8 @@ def test_media_settings_and_cache_switch(tmp_path):
                              (repo / "vlm" / "config.pbtxt").read_text()))
     assert VlmSettings.from_parameters(params) == VlmSettings(checkpoint_dir=str(tmp_path.resolve()),
                                                               served_model_name=tmp_path.resolve().name,
-                                                              vit_max_patches=CPU_MAX_PATCHES_PER_CALL)
+                                                              vit_max_patches=CPU_MAX_PATCHES_PER_CALL,
+                                                              max_model_len=CONTEXT_LENGTH)
     assert MediaSettings.from_checkpoint(tmp_path).with_parameters(params).max_frames == 64
 
     off = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "off", vit_onnx=onnx,

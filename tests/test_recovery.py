@@ -253,10 +253,40 @@ def _listening(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def test_ctrl_c_on_serve_frees_every_port_within_10s_and_leaves_nothing(tiny_checkpoint, tmp_path):
+# What a user asks `serve` for (README): a context of 2048 tokens, a 1 GiB KV cache, images of at most 256
+# visual tokens. --enforce-eager only keeps the test's start short.
+SERVE_SETTINGS = ("--max-model-len", "2048", "--kv-cache-bytes", str(2**30), "--max-pixels", str(256 * 28 * 28),
+                  "--enforce-eager")
+# The phases `serve` reports while it starts (launcher.startup_log), in order.
+SERVE_PHASES = ("preflight passed", "model repository written", "starting tritonserver", "model vlm loaded",
+                "tritonserver up", "proxy up", "OpenAI API", "Started in")
+
+
+def _serve_settings_hold(base_url: str, model: str) -> None:
+    models = httpx.get(f"{base_url}/models", timeout=10).json()["data"]
+    assert models[0]["max_model_len"] == 2048
+    chat = f"{base_url}/chat/completions"
+    too_long = httpx.post(chat, timeout=30, json={"model": model, "max_tokens": 1, "messages": [
+        {"role": "user", "content": "hello " * 2100}]})
+    assert too_long.status_code == 400 and "2048" in too_long.json()["error"]["message"], too_long.text
+    image = io.BytesIO()
+    Image.new("RGB", (1920, 1080), (200, 120, 40)).save(image, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(image.getvalue()).decode()
+
+    def prompt_tokens(*parts: dict) -> int:
+        reply = httpx.post(chat, timeout=60, json={"model": model, "max_tokens": 1, "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "Describe."}, *parts]}]})
+        assert reply.status_code == 200, reply.text
+        return reply.json()["usage"]["prompt_tokens"]
+
+    visual = prompt_tokens({"type": "image_url", "image_url": {"url": url}}) - prompt_tokens()
+    assert visual <= 256 + 2  # the image's tokens between <|vision_start|> and <|vision_end|>
+
+
+def test_serve_takes_its_settings_and_ctrl_c_frees_every_port_within_10s(tiny_checkpoint, tmp_path):
     ports = dict(zip(("--port", "--grpc-port", "--metrics-port", "--http-port"), free_ports(4)))
     command = [sys.executable, "-m", "launcher.serve", "--checkpoint", str(tiny_checkpoint), "--workdir",
-               str(tmp_path), *itertools.chain(*((k, str(v)) for k, v in ports.items()))]
+               str(tmp_path), *itertools.chain(*((k, str(v)) for k, v in ports.items())), *SERVE_SETTINGS]
     log = tmp_path / "serve.log"
     deployment = Deployment.of(tmp_path / "deploy" / tiny_checkpoint.name)
     with open(log, "wb") as out:
@@ -267,6 +297,11 @@ def test_ctrl_c_on_serve_frees_every_port_within_10s_and_leaves_nothing(tiny_che
             time.sleep(0.5)
         assert serve.poll() is None and all(_listening(port) for port in ports.values()), log.read_text()
         assert deployment.pids() and deployment.regions()
+        output = log.read_text()
+        at = [output.find(phase) for phase in SERVE_PHASES]
+        assert -1 not in at and at == sorted(at), output
+        print("".join(line + "\n" for line in output.splitlines() if line.startswith("[")))
+        _serve_settings_hold(f"http://127.0.0.1:{ports['--port']}/v1", tiny_checkpoint.name)
         # A request in flight at the Ctrl-C, which ends cleanly: answered within the grace period.
         body = {"model": tiny_checkpoint.name, "max_tokens": 32, "messages": [{"role": "user", "content": "Hi"}]}
         in_flight: list[httpx.Response] = []

@@ -18,6 +18,7 @@ from vlmserve.vit.packing import MAX_PATCHES_PER_CALL
 class VlmSettings(ModelParameters):
     checkpoint_dir: str
     served_model_name: str  # the model name of the OpenAI API
+    max_model_len: int = 0  # the engine's context length (vlm/1/engine.json's), for the proxy's /v1/models
     max_media_per_request: int = 16
     vit_max_patches: int = MAX_PATCHES_PER_CALL  # packing budget per `vit` call
     vit_cache: bool = True  # whether a `vit_cache` model is there to ask
