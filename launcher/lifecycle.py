@@ -127,11 +127,13 @@ class Deployment:
         for path in mapped - mapped_shm(self.pids()):
             path.unlink(missing_ok=True)
 
-    def kill_orphans(self, keep_below: Iterable[int]) -> set[int]:
+    def kill_orphans(self, keep_below: Iterable[int], dead: Iterable[int] = ()) -> set[int]:
         """Kill this deployment's processes that are no longer below any of `keep_below` (their parent died,
-        as vLLM's EngineCore and workers outlive a killed `vlm` stub); return their pids."""
+        as vLLM's EngineCore and workers outlive a killed `vlm` stub), or are below one of the `dead` processes
+        that has not finished exiting; return their pids."""
         parents = parent_pids()
         kept = set().union(*(descendants(root, parents) for root in keep_below))
+        kept -= set().union(*(descendants(pid, parents) for pid in dead))
         orphans = {pid for pid in parents if pid not in kept and _environ_tag(pid) == self.id}
         self.kill(orphans)
         return orphans

@@ -42,13 +42,16 @@ class Supervisor:
         self.poll_s = poll_s
         self.restarts = 0  # model reloads and server restarts so far, for tests and logs
         self._models: dict[str, str] = {}  # instance name ("vit_0_0") -> model, of the server as started
+        self._stub_pids: dict[str, int] = {}  # instance name -> its stub's pid, as last seen alive
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._run, name="triton-supervisor", daemon=True)
 
     def start(self) -> None:
         # The instances of the started server are those that must live; a stub that dies while the server
         # restarts, or a model reloads, is missing at the next check whenever it died.
-        self._models = {name: stub.model for name, stub in self.triton.stub_instances().items()}
+        stubs = self.triton.stub_instances()
+        self._models = {name: stub.model for name, stub in stubs.items()}
+        self._stub_pids = {name: stub.pid for name, stub in stubs.items()}
         self._thread.start()
 
     def stop(self) -> None:
@@ -84,12 +87,16 @@ class Supervisor:
             return
         live = self.triton.stub_instances()
         models = sorted({model for name, model in self._models.items() if name not in live})
+        dead = [pid for name, pid in self._stub_pids.items() if name not in live]
+        self._stub_pids.update((name, stub.pid) for name, stub in live.items())
         if not models:
             return
         logger.error("backend process of %s died; reloading", ", ".join(models))
         if any(self.triton.is_decoupled(model) for model in models):
             self.on_requests_lost()
-        orphans = self.triton.deployment.kill_orphans([self.triton.process.pid, *self.keep()])
+        # A stub that is still exiting (its memory already gone, so no longer a live instance) keeps its children
+        # until its last thread ends: they are not orphans yet, but they go with it.
+        orphans = self.triton.deployment.kill_orphans([self.triton.process.pid, *self.keep()], dead)
         if orphans:
             logger.info("killed %d processes the dead stub left behind", len(orphans))
         with ThreadPoolExecutor(len(models)) as reloads:  # Triton loads models in parallel

@@ -162,11 +162,19 @@ def test_the_writer_tells_once_that_a_client_has_gone_and_ends_streams_as_told()
     gone, failing = SlowStream(), SlowStream()
     calls = []
     box = writer.open(gone)
-    box.on_cancel = lambda: calls.append("cancelled")
+    box.on_cancel(lambda: calls.append("cancelled"))
     box.push(Delta("partial"))
     gone.cancelled = True
     time.sleep(0.1)
     assert calls == ["cancelled"]
+    # A client gone before whoever runs its request has said how to cancel it: told as soon as it says so.
+    early = SlowStream()
+    early.cancelled = True
+    early_box = writer.open(early)
+    time.sleep(0.1)
+    early_box.on_cancel(lambda: calls.append("cancelled early"))
+    assert calls == ["cancelled", "cancelled early"]
+    early_box.close()
     box.close()
     assert gone.ended.wait(5) and gone.sent[-1] == "closed"
     error = InvalidRequest("bad")

@@ -73,7 +73,9 @@ class VlmService:
         task = self.loop.create_task(self._serve(raw_request, media, outbox))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        outbox.on_cancel = lambda: self.loop.call_soon_threadsafe(task.cancel)
+        # The task's first step is queued already, so a cancel (even of a client gone before this) reaches it
+        # inside its try: it aborts the engine request and closes the stream.
+        outbox.on_cancel(lambda: self.loop.call_soon_threadsafe(task.cancel))
 
     async def _serve(self, raw_request: bytes, media: list[bytes], outbox: Outbox) -> None:
         try:

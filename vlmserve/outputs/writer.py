@@ -8,7 +8,7 @@ catches up in one response instead of one per token, and the sends of different 
 instead of queueing behind one thread.
 
 The writer also watches whether each stream's client is still there (another round trip, so every
-CANCEL_POLL_S, not at every send) and calls the outbox's `on_cancel` once when it has gone.
+CANCEL_POLL_S, not at every send) and tells the outbox once when it has gone (`Outbox.cancel`).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ class Outbox:
 
     def __init__(self, writer: ResponseWriter, stream: ResponseStream) -> None:
         self.stream = stream
-        self.on_cancel: Callable[[], None] = lambda: None  # set by whoever runs the request
+        self._on_cancel: Callable[[], None] | None = None  # set by whoever runs the request
+        self._client_gone = False
         self._writer = writer
         self._lock = threading.Lock()
         self._pending: Delta | _End | None = None
@@ -62,6 +63,23 @@ class Outbox:
         # asking it whether it was cancelled then crashes the server.
         self._stream_lock = threading.Lock()
         self._stream_done = False
+
+    def on_cancel(self, handler: Callable[[], None]) -> None:
+        """Call `handler` once the client has gone: at once if it went before the request started (the watcher
+        may see it before whoever runs the request has set its handler)."""
+        with self._lock:
+            self._on_cancel = handler
+            gone = self._client_gone
+        if gone:
+            handler()
+
+    def cancel(self) -> None:
+        """The client has gone (the watcher saw it)."""
+        with self._lock:
+            self._client_gone = True
+            handler = self._on_cancel
+        if handler is not None:
+            handler()
 
     def push(self, delta: Delta) -> None:
         self._put(delta, delta.finished)
@@ -157,7 +175,7 @@ class ResponseWriter:
                     cancelled = False
                 if cancelled:
                     self.unwatch(outbox)
-                    outbox.on_cancel()
+                    outbox.cancel()
 
     def shutdown(self) -> None:
         self._stopped.set()
