@@ -71,12 +71,6 @@ class RepositoryOptions:
     def dtype(self) -> str:
         return self.llm_dtype or ("bfloat16" if self.target == "gpu" else "float32")
 
-    @property
-    def kv_cache_pool_bytes(self) -> int:
-        """The KV pool on cpu (vLLM sizes it from free memory on gpu unless told)."""
-        return int(self.llm_engine_args.get("kv_cache_memory_bytes")
-                   or self.kv_cache_bytes or DEFAULT_CPU_KV_CACHE_BYTES)
-
 
 DEFAULTS = RepositoryOptions(checkpoint=Path(), out=Path())
 

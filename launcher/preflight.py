@@ -12,6 +12,7 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from export.generate_repository import engine_config
 from export.repository_options import RepositoryOptions
 from vlmserve.media.settings import MediaSettings, capped_max_pixels
 from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL, vit_memory_bound
@@ -114,9 +115,14 @@ class MemoryEstimate:
 
 
 def memory_estimate(opts: RepositoryOptions) -> MemoryEstimate:
-    """What a CPU stack with ``opts`` holds once it serves its largest request."""
+    """What a CPU stack with ``opts`` holds once it serves its largest request: the engine's share as the engine
+    arguments the repository will pass (dtype and KV cache, `--llm-engine-args` included)."""
+    try:
+        engine = engine_config(opts).args
+    except ValueError as exc:
+        raise PreflightError(str(exc)) from None
     counts = weight_counts(opts.checkpoint)
-    dtype = opts.dtype
+    dtype = engine["dtype"]
     weights = counts.llm_stored_bytes if dtype == "auto" else counts.llm * DTYPE_BYTES.get(dtype, 4)
     config = json.loads((opts.checkpoint / "config.json").read_text())["vision_config"]
     patch, temporal = config.get("patch_size", 14), config.get("temporal_patch_size", 2)
@@ -128,7 +134,7 @@ def memory_estimate(opts: RepositoryOptions) -> MemoryEstimate:
                  + ENGINE_CORE_BYTES + ENGINE_WORKER_BYTES + PROXY_BYTES)
     if opts.vit_cache_mb > 0:
         processes += VIT_CACHE_STUB_BYTES + int(opts.vit_cache_mb * 2**20)
-    return MemoryEstimate(weights, opts.kv_cache_pool_bytes, opts.vit_cpu_instances * vit, processes)
+    return MemoryEstimate(weights, int(engine["kv_cache_memory_bytes"]), opts.vit_cpu_instances * vit, processes)
 
 
 def available_memory() -> int:

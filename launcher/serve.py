@@ -91,12 +91,12 @@ def main(argv: list[str] | None = None) -> None:
     opts = repository_options(args, checkpoint, deploy_dir / "model_repository", vit_onnx=deploy_dir / "vit.onnx")
     try:
         check_checkpoint(checkpoint)
-        estimate = memory_estimate(opts)
-        check_memory(estimate, available_memory())
+        estimate, available = memory_estimate(opts), available_memory()
+        check_memory(estimate, available)
     except PreflightError as exc:
         refuse(exc)
     progress(f"preflight passed: ports free, checkpoint readable, about {estimate.total / 2**30:.1f} GiB of "
-             f"memory needed, {available_memory() / 2**30:.1f} GiB available")
+             f"memory needed, {available / 2**30:.1f} GiB available")
     run(args, opts, proxy_argv(args, proxy_actions), progress)
 
 

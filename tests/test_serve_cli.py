@@ -121,6 +121,10 @@ def test_the_memory_estimate_adds_weights_in_the_engines_dtype_kv_cache_and_vit(
     half = memory_estimate(RepositoryOptions(checkpoint=tiny_checkpoint, out=tmp_path, llm_dtype="bfloat16",
                                              kv_cache_bytes=2**30, media={"max_pixels": str(28 * 28 * 256)}))
     assert half.weights == estimate.weights // 2 and half.vit < estimate.vit
+    # What the engine gets decides, engine arguments passed whole included.
+    passed = memory_estimate(RepositoryOptions(checkpoint=tiny_checkpoint, out=tmp_path, llm_engine_args={
+        "dtype": "bfloat16", "kv_cache_memory_bytes": 2**29}))
+    assert (passed.weights, passed.kv_cache) == (estimate.weights // 2, 2**29)
 
 
 def test_an_unreadable_checkpoint_is_named(tiny_checkpoint, tmp_path):
