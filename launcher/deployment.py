@@ -102,10 +102,10 @@ class Stack:
 
     @classmethod
     def create(cls, repository: Path, workdir: Path, ports: TritonPorts, proxy_port: int,
-               proxy_args: Sequence[str] = (), proxy_stop_s: float = 40.0) -> Stack:
+               proxy_args: Sequence[str] = (), proxy_stop_s: float = 40.0, load_timeout_s: float = 300.0) -> Stack:
         deployment = Deployment.of(workdir)
         triton = TritonServer(repository, workdir / "tritonserver", ports, log_path=workdir / "tritonserver.log",
-                              deployment=deployment)
+                              deployment=deployment, load_timeout_s=load_timeout_s)
         proxy = ProxyProcess(triton.grpc_url, proxy_port, log_path=workdir / "proxy.log",
                              extra_args=proxy_args, deployment=deployment)
         return cls(triton, proxy, deployment, proxy_stop_s)

@@ -82,10 +82,11 @@ class WeightCounts:
 
     llm: int
     vision: int
-    llm_stored_bytes: int
+    stored_bytes: int
 
 
 def weight_counts(checkpoint: Path) -> WeightCounts:
+    """Parameters of the LLM and of the vision tower, and the bytes of all of them as stored."""
     llm = vision = stored = 0
     for shard in sorted(checkpoint.glob("*.safetensors")):
         for name, info in _safetensors_header(shard).items():
@@ -98,13 +99,13 @@ def weight_counts(checkpoint: Path) -> WeightCounts:
                 vision += count
             else:
                 llm += count
-                stored += count * DTYPE_BYTES.get(info["dtype"], 2)
+            stored += count * DTYPE_BYTES.get(info["dtype"], 2)
     return WeightCounts(llm, vision, stored)
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    weights: int  # the LLM's, in the engine's dtype
+    weights: int  # the engine's (the LLM's and its vision tower's), in the engine's dtype
     kv_cache: int
     vit: int  # vit_memory_bound for each ViT instance
     processes: int  # every process's own share besides those
@@ -123,7 +124,9 @@ def memory_estimate(opts: RepositoryOptions) -> MemoryEstimate:
         raise PreflightError(str(exc)) from None
     counts = weight_counts(opts.checkpoint)
     dtype = engine["dtype"]
-    weights = counts.llm_stored_bytes if dtype == "auto" else counts.llm * DTYPE_BYTES.get(dtype, 4)
+    # vLLM builds the whole Qwen2-VL, vision tower included, though the repository's ViT encodes the media: a
+    # tower is only left out when every modality's limit is 0, and then embeddings are refused too.
+    weights = counts.stored_bytes if dtype == "auto" else (counts.llm + counts.vision) * DTYPE_BYTES.get(dtype, 4)
     config = json.loads((opts.checkpoint / "config.json").read_text())["vision_config"]
     patch, temporal = config.get("patch_size", 14), config.get("temporal_patch_size", 2)
     media = MediaSettings.from_checkpoint(opts.checkpoint).with_parameters(opts.media)

@@ -53,6 +53,9 @@ def build_parser() -> tuple[ServeParser, list[argparse.Action]]:
     parser.add_argument("--shutdown-grace-s", type=float, default=4.0,
                         help="on Ctrl-C/SIGTERM, how long requests in flight may still run; everything has "
                              f"stopped {STOP_MARGIN_S:g} s after it at most")
+    parser.add_argument("--load-timeout-s", type=float, default=1800.0,
+                        help="how long tritonserver may take to load every model (a large checkpoint on CPU takes "
+                             "minutes), and one model to load again after its process died")
     ports = parser.add_argument_group("ports (on 127.0.0.1)")
     ports.add_argument("--port", type=int, default=8000, help="OpenAI proxy port")
     ports.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None) -> None:
     except PreflightError as exc:
         refuse(exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per health check among the phases
 
     checkpoint = args.checkpoint
     if checkpoint is None:
@@ -111,7 +115,7 @@ def run(args: argparse.Namespace, opts: RepositoryOptions, proxy_args: list[str]
     # gets TRITON_STOP_S after that (Stack.stop): within STOP_MARGIN_S together.
     stack = Stack.create(repository, deploy_dir, TritonPorts(args.http_port, args.grpc_port, args.metrics_port),
                          args.port, [*proxy_args, "--shutdown-grace-s", str(args.shutdown_grace_s)],
-                         proxy_stop_s=args.shutdown_grace_s + 1)
+                         proxy_stop_s=args.shutdown_grace_s + 1, load_timeout_s=args.load_timeout_s)
     # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored. Set before the
     # start, so that a Ctrl-C during it still stops what has started.
     for signum in (signal.SIGINT, signal.SIGTERM):

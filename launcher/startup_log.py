@@ -13,8 +13,11 @@ from pathlib import Path
 # A log line that marks a phase, and how to say it.
 PHASES = (
     (re.compile(r"successfully loaded '(\w+)'"), "model {} loaded"),
+    (re.compile(r"Initializing a V1 LLM engine"), "vLLM: engine core started"),
+    (re.compile(r"Starting to load model"), "vLLM: loading the weights"),
     (re.compile(r"Loading weights took ([\d.]+) seconds"), "vLLM: weights loaded ({} s)"),
     (re.compile(r"Warming up model for the compilation"), "vLLM: compiling and warming up the model"),
+    (re.compile(r"saved AOT compiled function"), "vLLM: model compiled (kept for the next start)"),
     (re.compile(r"CPU KV cache size: ([\d,]+) tokens"), "vLLM: KV cache of {} tokens"),
     (re.compile(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s"),
      "vLLM: engine ready (profile, KV cache, warm-up took {} s)"),

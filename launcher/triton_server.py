@@ -107,8 +107,10 @@ class TritonServer:
     """
 
     def __init__(self, model_repository: Path, install_dir: Path, ports: TritonPorts, log_path: Path | None = None,
-                 extra_args: list[str] | None = None, deployment: Deployment | None = None) -> None:
+                 extra_args: list[str] | None = None, deployment: Deployment | None = None,
+                 load_timeout_s: float = 300.0) -> None:
         self.model_repository = model_repository
+        self.load_timeout_s = load_timeout_s  # a start (every model) or one model's reload
         self.install_dir = prepare_triton_install(install_dir)
         self.ports = ports
         self.log_path = log_path
@@ -146,7 +148,7 @@ class TritonServer:
             *self.extra_args,
         ]
 
-    def start(self, timeout_s: float = 300.0, report: Report = silent) -> None:
+    def start(self, report: Report = silent) -> None:
         """Start the server and return once every model is ready; ``report`` hears of each phase (from the log)."""
         with self._lock, open_log(self.log_path) as log:
             if self._stopped:
@@ -155,7 +157,7 @@ class TritonServer:
             # A process group of its own (what `kill` finds), in our session: see launcher.processes.OWN_GROUP.
             self.process = subprocess.Popen(self.command(), env=self.deployment.environment(triton_environment()),
                                             stdout=log, stderr=subprocess.STDOUT, process_group=OWN_GROUP)
-        self.wait_ready(timeout_s, startup_log, report)
+        self.wait_ready(self.load_timeout_s, startup_log, report)
 
     def wait_ready(self, timeout_s: float, startup_log: StartupLog, report: Report = silent) -> None:
         client = grpcclient.InferenceServerClient(self.grpc_url)
@@ -225,11 +227,11 @@ class TritonServer:
         response.raise_for_status()
         return bool(response.json().get("model_transaction_policy", {}).get("decoupled"))
 
-    def reload_model(self, name: str, timeout_s: float = 300.0) -> None:
+    def reload_model(self, name: str) -> None:
         """Unload `name` (the server reports not-ready meanwhile) and load it again, with new processes."""
         base = f"http://127.0.0.1:{self.ports.http}/v2/repository/models/{name}"
         for action in ("unload", "load"):
-            response = httpx.post(f"{base}/{action}", json={}, timeout=timeout_s)
+            response = httpx.post(f"{base}/{action}", json={}, timeout=self.load_timeout_s)
             if response.status_code != 200:
                 raise RuntimeError(f"{action} {name}: HTTP {response.status_code} {response.text}")
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from export import bench_model
-from export.bench_model import build_bench_config, build_bench_model, greedy_variety, never_generated_ids
+from export.bench_model import (SHAPES, Shape, build_bench_config, build_bench_model, greedy_variety,
+                                never_generated_ids)
 from export.tiny_model import EOS_TOKENS, SPECIAL_TOKENS, build_tokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -31,13 +32,13 @@ def one_torch_thread():
 
 
 def small_model(tokenizer, seed: int = 0):
-    return build_bench_model(tokenizer, seed, SMALL_TEXT, SMALL_VISION)
+    return build_bench_model(tokenizer, seed, Shape(SMALL_TEXT, SMALL_VISION))
 
 
 def test_bench_sizes_have_qwen2_vl_proportions(tokenizer):
     config = build_bench_config(tokenizer)
     text, vision = config.text_config, config.vision_config
-    assert (text.hidden_size, text.num_hidden_layers, text.head_dim) == (512, 8, 64)
+    assert (text.hidden_size, text.num_hidden_layers, text.head_dim) == (512, 8, 64) and not config.tie_word_embeddings
     assert text.num_attention_heads * text.head_dim == text.hidden_size
     assert text.num_attention_heads % text.num_key_value_heads == 0 and len(text.layer_types) == 8
     assert sum(text.rope_parameters["mrope_section"]) == text.head_dim // 2
@@ -81,3 +82,22 @@ def test_sharp_attention_keeps_greedy_output_from_looping(tokenizer, monkeypatch
     monkeypatch.setattr(bench_model, "ATTENTION_SHARPNESS", 1.0)  # the usual init: the check does see loops
     flat = greedy_variety(small_model(tokenizer), tokenizer, max_tokens=32)
     assert statistics.fmean(flat) < 0.5, flat
+
+
+def test_the_2b_shape_is_qwen2_vl_2b_instruct(tokenizer):
+    config = build_bench_config(tokenizer, SHAPES["2b"])
+    text, vision = config.text_config, config.vision_config
+    assert (text.hidden_size, text.intermediate_size, text.num_hidden_layers, text.vocab_size) == (1536, 8960, 28, 151936)
+    assert (text.num_attention_heads, text.num_key_value_heads, text.head_dim) == (12, 2, 128)
+    assert text.rope_parameters["mrope_section"] == [16, 24, 24] and len(text.layer_types) == 28
+    assert (vision.embed_dim, vision.depth, vision.num_heads, vision.hidden_size) == (1280, 32, 16, 1536)
+    assert config.tie_word_embeddings and config.image_token_id == tokenizer.convert_tokens_to_ids("<|image_pad|>")
+
+
+def test_a_vocabulary_padded_past_the_tokenizer_is_never_generated(tokenizer):
+    padded = Shape({**SMALL_TEXT, "vocab_size": len(tokenizer) + 64}, SMALL_VISION, tie_word_embeddings=True,
+                   dtype=torch.bfloat16)
+    model = build_bench_model(tokenizer, 0, padded)
+    assert model.lm_head.weight.dtype == torch.bfloat16 and torch.get_default_dtype() == torch.float32
+    assert model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert model.lm_head.weight.shape[0] == len(tokenizer) + 64 and not model.lm_head.weight[len(tokenizer):].any()

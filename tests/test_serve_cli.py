@@ -117,7 +117,7 @@ def test_the_memory_estimate_adds_weights_in_the_engines_dtype_kv_cache_and_vit(
     assert counts.llm > counts.vision > 0
     opts = RepositoryOptions(checkpoint=tiny_checkpoint, out=tmp_path, kv_cache_bytes=2**30)
     estimate = memory_estimate(opts)
-    assert estimate.weights == 4 * counts.llm and estimate.kv_cache == 2**30
+    assert estimate.weights == 4 * (counts.llm + counts.vision) and estimate.kv_cache == 2**30
     half = memory_estimate(RepositoryOptions(checkpoint=tiny_checkpoint, out=tmp_path, llm_dtype="bfloat16",
                                              kv_cache_bytes=2**30, media={"max_pixels": str(28 * 28 * 256)}))
     assert half.weights == estimate.weights // 2 and half.vit < estimate.vit

@@ -21,8 +21,11 @@ from vlmserve.errors import InvalidRequest
 
 # Embeddings instead of pixels as input, and the per-step stats our metrics are made of. No multimodal
 # processor cache: the media are our ViT's embeddings, which `vit_cache` already holds, and vLLM's cache (4 GiB
-# by default) kept a second copy of each in the engine core, which grew with every new image.
-ENGINE_DEFAULTS = {"enable_mm_embeds": True, "disable_log_stats": False, "mm_processor_cache_gb": 0}
+# by default) kept a second copy of each in the engine core, which grew with every new image. No multimodal
+# profiling: vLLM's own vision tower never runs here, and profiling ran it on the largest video the model
+# takes (on a CPU, minutes of the start for Qwen2-VL-2B's tower).
+ENGINE_DEFAULTS = {"enable_mm_embeds": True, "disable_log_stats": False, "mm_processor_cache_gb": 0,
+                   "skip_mm_profiling": True}
 
 
 def vllm_prompt(request: EngineRequest, media_token_ids: tuple[int, int]) -> dict:
