@@ -114,6 +114,10 @@ class MemoryEstimate:
     def total(self) -> int:
         return self.weights + self.kv_cache + self.vit + self.processes
 
+    def parts(self) -> dict[str, int]:
+        """Each part by the name messages and reports give it."""
+        return {"LLM weights": self.weights, "KV cache": self.kv_cache, "ViT": self.vit, "processes": self.processes}
+
 
 def memory_estimate(opts: RepositoryOptions) -> MemoryEstimate:
     """What a CPU stack with ``opts`` holds once it serves its largest request: the engine's share as the engine
@@ -158,7 +162,6 @@ def check_memory(estimate: MemoryEstimate, available: int) -> None:
         return
     biggest = max((estimate.kv_cache, "--kv-cache-bytes"), (estimate.vit, "--max-pixels or --vit-cpu-instances"),
                   (estimate.weights, "--llm-dtype bfloat16 or a smaller checkpoint"))
-    raise PreflightError(
-        f"the settings need about {_gib(estimate.total)} of memory (LLM weights {_gib(estimate.weights)}, KV cache "
-        f"{_gib(estimate.kv_cache)}, ViT {_gib(estimate.vit)}, processes {_gib(estimate.processes)}) but this host "
-        f"has {_gib(available)} available: lower {biggest[1]}")
+    parts = ", ".join(f"{name} {_gib(size)}" for name, size in estimate.parts().items())
+    raise PreflightError(f"the settings need about {_gib(estimate.total)} of memory ({parts}) but this host "
+                         f"has {_gib(available)} available: lower {biggest[1]}")

@@ -158,7 +158,7 @@ def preflight_estimate(checkpoint: Path, serve_args: list[str]) -> dict[str, int
     parser, _ = build_parser()
     args = parser.parse_args([*serve_args, "--checkpoint", str(checkpoint)])
     estimate = memory_estimate(repository_options(args, checkpoint, Path(tempfile.gettempdir()) / "unused"))
-    return {**asdict(estimate), "total": estimate.total}
+    return {**estimate.parts(), "total": estimate.total}
 
 
 def _phase(line: str, phases: list[tuple[float, str]]) -> None:
@@ -244,9 +244,9 @@ def report(result: dict) -> str:
               f"starting {_gib(result['measured_starting'])} below it, lowest while serving "
               f"{_gib(measured)} below it; PSS of all processes while serving {_gib(pss['Pss'])} (anonymous "
               f"{_gib(pss['Pss_Anon'])}, file-backed {_gib(pss['Pss_File'])}).",
-              f"Preflight estimate {_gib(estimate['total'])} (weights {_gib(estimate['weights'])}, KV cache "
-              f"{_gib(estimate['kv_cache'])}, ViT {_gib(estimate['vit'])}, processes {_gib(estimate['processes'])}): "
-              f"{ratio:.2f}x the measured total while serving.",
+              f"Preflight estimate {_gib(estimate['total'])} ("
+              + ", ".join(f"{name} {_gib(size)}" for name, size in estimate.items() if name != "total")
+              + f"): {ratio:.2f}x the measured total while serving.",
               f"Two-image chat: {result['chat']['latency_s']:.1f} s, usage {result['chat']['usage']}."]
     return "\n".join(lines) + "\n"
 
