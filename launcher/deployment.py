@@ -16,7 +16,8 @@ from launcher.lifecycle import Deployment
 from launcher.progress import Report, silent
 from launcher.processes import OWN_GROUP, TRITON_STOP_S, listening_socket, open_log, stop_process, wait_healthy
 from launcher.supervisor import Supervisor
-from launcher.triton_server import REPO_ROOT, ServerExited, TritonPorts, TritonServer, triton_environment
+from launcher.triton_server import (LOAD_TIMEOUT_S, REPO_ROOT, ServerExited, TritonPorts, TritonServer,
+                                   triton_environment)
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +103,8 @@ class Stack:
 
     @classmethod
     def create(cls, repository: Path, workdir: Path, ports: TritonPorts, proxy_port: int,
-               proxy_args: Sequence[str] = (), proxy_stop_s: float = 40.0, load_timeout_s: float = 300.0) -> Stack:
+               proxy_args: Sequence[str] = (), proxy_stop_s: float = 40.0,
+               load_timeout_s: float = LOAD_TIMEOUT_S) -> Stack:
         deployment = Deployment.of(workdir)
         triton = TritonServer(repository, workdir / "tritonserver", ports, log_path=workdir / "tritonserver.log",
                               deployment=deployment, load_timeout_s=load_timeout_s)

@@ -96,6 +96,8 @@ class StubInstance:
 
 # How long tritonserver may wait for requests in flight on SIGTERM: the proxy in front has drained them by then.
 EXIT_TIMEOUT_S = 2
+# How long a start may take to load every model, or a reload one model, unless told (serve: --load-timeout-s).
+LOAD_TIMEOUT_S = 300.0
 STUB_NAME = "triton_python_backend_stub"
 
 
@@ -108,7 +110,7 @@ class TritonServer:
 
     def __init__(self, model_repository: Path, install_dir: Path, ports: TritonPorts, log_path: Path | None = None,
                  extra_args: list[str] | None = None, deployment: Deployment | None = None,
-                 load_timeout_s: float = 300.0) -> None:
+                 load_timeout_s: float = LOAD_TIMEOUT_S) -> None:
         self.model_repository = model_repository
         self.load_timeout_s = load_timeout_s  # a start (every model) or one model's reload
         self.install_dir = prepare_triton_install(install_dir)

@@ -1,4 +1,5 @@
-"""CPU seconds per process of a server under test, read from /proc, by the role each process plays.
+"""CPU seconds per process of a server under test, read from /proc, by the role each process plays; and the
+memory figures of a process's /proc status.
 
 A run's figure is the difference of two snapshots of every process below the server's top processes
 (threads included: /proc/<pid>/stat counts them in the process). vLLM's engine core and its workers are
@@ -9,6 +10,7 @@ generated token costs outside it.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,15 @@ def role(pid: int) -> str | None:
     if "vllm.entrypoints.openai.api_server" in command:
         return "vLLM API server"
     return "other"
+
+
+def status_bytes(pid: int, *fields: str) -> tuple[int, ...] | None:
+    """The kB fields of /proc/<pid>/status (``"VmRSS"``, ``"VmHWM"``, ...) in bytes; None if `pid` is gone."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    return tuple(int(re.search(rf"^{name}:\s+(\d+) kB", status, re.MULTILINE)[1]) * 1024 for name in fields)
 
 
 def cpu_seconds(pid: int) -> float | None:

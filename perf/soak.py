@@ -30,6 +30,7 @@ from pathlib import Path
 
 import httpx
 
+from perf.process_cpu import status_bytes
 from perf.vit_stack import checkpoint_or_tiny, noise_png, running_stack
 from launcher.lifecycle import Deployment
 from launcher.triton_server import REPO_ROOT, STUB_NAME
@@ -55,12 +56,10 @@ def process_name(pid: int) -> str | None:
 def private_rss_bytes(pid: int) -> int:
     """RSS less the shared-memory pages the process maps: tritonserver maps every stub's shm region, and each
     stub its own, so their pages would count several times over; they are counted once, as the regions'."""
-    try:
-        status = Path(f"/proc/{pid}/status").read_text()
-    except OSError:
+    figures = status_bytes(pid, "VmRSS", "RssShmem")
+    if figures is None:
         return 0
-    rss, shmem = (int(re.search(rf"^{field}:\s+(\d+) kB", status, re.MULTILINE).group(1)) * 1024
-                  for field in ("VmRSS", "RssShmem"))
+    rss, shmem = figures
     return rss - shmem
 
 

@@ -31,7 +31,7 @@ from export.repository_options import repository_options
 from launcher.lifecycle import descendants, parent_pids
 from launcher.preflight import available_memory, memory_estimate
 from launcher.serve import build_parser
-from perf.process_cpu import role
+from perf.process_cpu import role, status_bytes
 from perf.synthetic_data import draw_scene
 
 DEFAULT_SERVE_ARGS = ("--max-model-len", "4096", "--kv-cache-bytes", str(2**30), "--max-pixels", "200704")
@@ -43,16 +43,6 @@ SAMPLE_S = 0.25
 START_TIMEOUT_S = 3600.0
 
 
-def _status_kib(pid: int, key: str) -> int | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
 def _pss_kib(pid: int) -> dict[str, int]:
     """Pss, Pss_Anon and Pss_File of `pid` in KiB; empty if it is gone."""
     try:
@@ -61,18 +51,6 @@ def _pss_kib(pid: int) -> dict[str, int]:
         return {}
     fields = (line.split() for line in lines)
     return {f[0][:-1]: int(f[1]) for f in fields if f and f[0] in ("Pss:", "Pss_Anon:", "Pss_File:")}
-
-
-def _role(pid: int) -> str | None:
-    """`perf.process_cpu.role`, with the compile workers that torch's inductor starts while vLLM compiles."""
-    found = role(pid)
-    if found == "other":
-        try:
-            if b"compile_worker" in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return "inductor compile worker"
-        except OSError:
-            return None
-    return found
 
 
 @dataclass
@@ -109,14 +87,14 @@ class MemoryWatch:
         else:
             self.lowest_starting = min(available, self.lowest_starting or available)
         for pid in descendants(self.root, parent_pids()):
-            peak = _status_kib(pid, "VmHWM")
-            if peak is None:
+            figures = status_bytes(pid, "VmHWM")
+            if figures is None:
                 continue
             process = self.processes.setdefault(
                 pid, ProcessPeak("serve (repository, ViT export)" if pid == self.root else "other"))
             if process.role == "other":  # vLLM's processes start as Python's spawn and name themselves later
-                process.role = _role(pid) or "other"
-            process.peak_rss_kib = max(process.peak_rss_kib, peak)
+                process.role = role(pid) or "other"
+            process.peak_rss_kib = max(process.peak_rss_kib, figures[0] // 1024)
 
     def take_pss(self) -> None:
         for pid, process in self.processes.items():
@@ -204,23 +182,23 @@ def run(checkpoint: Path, out: Path, serve_args: list[str], max_tokens: int) -> 
         serve.send_signal(signal.SIGINT)
         serve.wait(120)
         watch.stop()
-    by_role: dict[str, int] = {}
-    for process in watch.processes.values():
-        by_role[process.role] = max(by_role.get(process.role, 0), process.peak_rss_kib)
     return {
         "checkpoint": str(checkpoint), "serve_args": argv, "phases": phases, "chat": chat,
         "processes": [asdict(p) | {"pid": pid} for pid, p in sorted(watch.processes.items())],
         "memavailable_before": watch.baseline,
         "measured_starting": watch.baseline - (watch.lowest_starting or watch.baseline),
         "measured_serving": watch.baseline - (watch.lowest_serving or watch.baseline),
-        "pss_serving": {key: 1024 * sum(p.pss_kib.get(key, 0) for p in watch.processes.values())
-                        for key in ("Pss", "Pss_Anon", "Pss_File")},
         "estimate": estimate,
     }
 
 
 def _gib(n: float) -> str:
     return f"{n / 2**30:.2f} GiB"
+
+
+def _pss(processes: list[dict]) -> dict[str, int]:
+    """Pss, Pss_Anon and Pss_File of `processes` together, in bytes."""
+    return {key: 1024 * sum(p["pss_kib"].get(key, 0) for p in processes) for key in ("Pss", "Pss_Anon", "Pss_File")}
 
 
 def report(result: dict) -> str:
@@ -235,11 +213,11 @@ def report(result: dict) -> str:
         roles.setdefault(process["role"], []).append(process)
     for name, processes in roles.items():
         peak = max(p["peak_rss_kib"] for p in processes) * 1024
-        pss = {key: 1024 * sum(p["pss_kib"].get(key, 0) for p in processes) for key in ("Pss", "Pss_Anon", "Pss_File")}
+        pss = _pss(processes)
         serving = f"{_gib(pss['Pss'])} ({_gib(pss['Pss_Anon'])}, {_gib(pss['Pss_File'])})" if pss["Pss"] else "gone"
         lines.append(f"| {name} | {len(processes)} | {_gib(peak)} | {serving} |")
     ratio = estimate["total"] / measured if measured else float("nan")
-    pss = result["pss_serving"]
+    pss = _pss(result["processes"])
     lines += ["", f"Measured: MemAvailable {_gib(result['memavailable_before'])} before the start, lowest while "
               f"starting {_gib(result['measured_starting'])} below it, lowest while serving "
               f"{_gib(measured)} below it; PSS of all processes while serving {_gib(pss['Pss'])} (anonymous "
