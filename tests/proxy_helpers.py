@@ -23,14 +23,16 @@ ANSWER = [GenerationChunk("Hel", None, 5, 1), GenerationChunk("lo", None, 5, 2),
 
 
 class FakeTriton:
-    """Streams fixed chunks (each after `delay_s`), then raises `error` if one is given.
+    """Streams fixed chunks (the first after `first_delay_s`, default `delay_s`; each other after `delay_s`),
+    then raises `error` if one is given.
 
     `calls` records what was asked; `closed` counts generations that ended, however they ended.
     """
 
     def __init__(self, chunks: list[GenerationChunk], error: Exception | None = None, delay_s: float = 0,
-                 ready: bool = True) -> None:
+                 ready: bool = True, first_delay_s: float | None = None) -> None:
         self.chunks, self.error, self.delay_s, self.ready = chunks, error, delay_s, ready
+        self.first_delay_s = first_delay_s
         self.calls: list[tuple] = []
         self.closed = 0
 
@@ -52,8 +54,9 @@ class FakeTriton:
 
     async def _chunks(self):
         try:
-            for chunk in self.chunks:
-                await asyncio.sleep(self.delay_s)
+            for index, chunk in enumerate(self.chunks):
+                first = index == 0 and self.first_delay_s is not None
+                await asyncio.sleep(self.first_delay_s if first else self.delay_s)
                 yield chunk
             if self.error is not None:
                 raise self.error

@@ -81,10 +81,12 @@ def test_requests_beyond_the_in_flight_limit_get_429_until_a_slot_frees():
 
 
 def test_a_request_over_its_time_limit_gets_504_and_its_generation_is_cancelled():
-    fake = FakeTriton(SLOW, delay_s=0.2)
-    with client_with(fake, replace(SETTINGS, request_timeout_s=0.5)) as http:
+    # The first token comes at once and the rest far apart, so the stream below has started long before its
+    # limit even on a loaded machine, and neither request can finish within it.
+    fake = FakeTriton(SLOW, delay_s=2.0, first_delay_s=0)
+    with client_with(fake, replace(SETTINGS, request_timeout_s=1.5)) as http:
         response = http.post("/v1/chat/completions", json=CHAT)
-        assert_openai_error(response, 504, "longer than the 0.5s limit")
+        assert_openai_error(response, 504, "longer than the 1.5s limit")
         assert response.json()["error"]["code"] == "timeout" and fake.closed == 1
 
         # A stream that has started ends with an error event instead.
@@ -94,7 +96,7 @@ def test_a_request_over_its_time_limit_gets_504_and_its_generation_is_cancelled(
 
 
 def test_draining_ends_streams_with_an_error_event_and_refuses_new_requests():
-    fake = FakeTriton(SLOW, delay_s=0.3)
+    fake = FakeTriton(SLOW, delay_s=0.3, first_delay_s=0)
     with client_with(fake, replace(SETTINGS, shutdown_grace_s=0.5)) as http:
         thread, streamed = in_background(lambda: http.post("/v1/chat/completions", json={**CHAT, "stream": True}))
         wait_for(lambda: fake.calls)
