@@ -16,7 +16,8 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from vlmserve.contracts import VLM, invalid_request_message
+from vlmserve.contracts import VLM, invalid_request_message, is_unavailable_message
+from vlmserve.model_parameters import config_parameters
 from vlmserve.vlm_settings import VlmSettings
 
 
@@ -33,10 +34,6 @@ class UnavailableError(TritonError):
     server restarts or stops): the same request may succeed later."""
 
 
-# How Triton 2.51 words it when a model that a request reaches (`vlm`, or one that `vlm` calls) has a dead
-# backend process, is being unloaded or loaded again, or the server is stopping.
-_UNAVAILABLE_MARKERS = ("is not healthy", "is not ready", "Request for unknown model", "has no available versions",
-                        "Server is stopping", "Server not ready")
 # gRPC statuses of a server that cannot be reached or went away mid-stream.
 _UNAVAILABLE_CODES = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
@@ -66,7 +63,7 @@ def _error(message: str) -> TritonError:
     user_message = invalid_request_message(message)
     if user_message is not None:
         return InvalidRequestError(user_message)
-    if any(marker in message for marker in _UNAVAILABLE_MARKERS):
+    if is_unavailable_message(message):
         return UnavailableError(message)
     return TritonError(message)
 
@@ -141,8 +138,7 @@ class TritonVLMClient:
                 config = await self._client.get_model_config(VLM.NAME, as_json=True, client_timeout=timeout_s)
             except InferenceServerException as exc:
                 raise UnavailableError(f"Triton is unavailable: {exc.message()}") from exc
-            params = {key: value["string_value"] for key, value in config["config"].get("parameters", {}).items()}
-            self._settings = VlmSettings.from_parameters(params)
+            self._settings = VlmSettings.from_parameters(config_parameters(config["config"]))
         return self._settings
 
     async def is_ready(self, timeout_s: float = 5.0) -> bool:

@@ -5,6 +5,9 @@ thread count that leaves the LLM its cores (default from os.cpu_count()).
 `gpu`: the ViT is a TensorRT plan with one instance group per GPU (`--gpus 0,1,2,3`).
 The `vlm` model runs vLLM; `vlm/1/engine.json` holds the engine's arguments (tensor parallel size,
 memory, context, ...), passed through whole.
+`--role vit` writes a ViT server's repository instead: `preprocess`, `vit` and `encode`, the entry point
+that LLM hosts started with `--vit-endpoints host:port,...` call over gRPC (those then have no
+`preprocess` and `vit` of their own).
 Both targets: `vit_cache` holds ViT outputs for every `vlm` instance (`--vit-cache-mb 0` turns it off), and
 the media limits (`--max-pixels`, `--max-frames`, `--video-max-pixels`, ...) go to `preprocess` and
 `vlm` alike (`vlm` keys the cache on them). The Python models' code is copied from
@@ -23,12 +26,14 @@ import shutil
 from pathlib import Path
 
 from export.build_trt_engine import ProcessorLimits, read_profile
-from vlmserve.contracts import PREPROCESS, VIT, VIT_CACHE, VLM, TensorSpec
+from vlmserve.contracts import ENCODE, PREPROCESS, VIT, VIT_CACHE, VLM, TensorSpec
 from vlmserve.engine.config import CONFIG_FILE, EngineConfig
 from export.repository_options import (DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_MEMORY_UTILIZATION, MEDIA_PARAMETERS,
-                                       RepositoryOptions, add_repository_arguments, repository_options)
+                                       ROLES, VIT_SERVER, RepositoryOptions, add_repository_arguments,
+                                       repository_options)
 from vlmserve.media.settings import capped_max_pixels
-from vlmserve.vit.settings import VitCacheSettings, VitRunnerSettings
+from vlmserve.vit.pool import parse_endpoints
+from vlmserve.vit.settings import EncodeSettings, VitCacheSettings, VitRunnerSettings
 from vlmserve.vlm_settings import VlmSettings
 from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL, MAX_PATCHES_PER_CALL
 
@@ -152,15 +157,31 @@ def vlm_config(opts: RepositoryOptions) -> str:
     settings = VlmSettings(checkpoint_dir=str(opts.checkpoint.resolve()),
                            served_model_name=opts.served_model_name or opts.checkpoint.resolve().name,
                            vit_max_patches=opts.vit_max_patches or default_vit_max_patches(opts.target),
-                           vit_cache=opts.vit_cache_mb > 0,
+                           vit_cache=opts.vit_cache_mb > 0, vit_endpoints=",".join(parse_endpoints(opts.vit_endpoints)),
                            max_model_len=int(engine_config(opts).args["max_model_len"]))
     # One instance: the engine batches all requests itself (and spans GPUs with tensor parallelism).
     return _config(VLM, 'backend: "python"', _cpu_instances(1), {**_media_parameters(opts), **settings.parameters()},
                    decoupled=True, comment=f"The engine's settings: 1/{CONFIG_FILE}")
 
 
+def encode_config(opts: RepositoryOptions) -> str:
+    settings = EncodeSettings(checkpoint_dir=str(opts.checkpoint.resolve()),
+                              vit_max_patches=opts.vit_max_patches or default_vit_max_patches(opts.target))
+    # One instance serves many media at once (it answers each request when its medium is encoded).
+    return _config(ENCODE, 'backend: "python"', _cpu_instances(1), {**_media_parameters(opts), **settings.parameters()})
+
+
 CONFIGS = {PREPROCESS.NAME: preprocess_config, VIT.NAME: vit_config, VIT_CACHE.NAME: vit_cache_config,
-           VLM.NAME: vlm_config}
+           VLM.NAME: vlm_config, ENCODE.NAME: encode_config}
+
+
+def hosted_models(opts: RepositoryOptions) -> list[str]:
+    """The models of the repository for `opts`: by its role, without the cache when it is off and without the
+    vision models where ViT servers do that work."""
+    if opts.role == VIT_SERVER:
+        return [PREPROCESS.NAME, VIT.NAME, ENCODE.NAME]
+    models = [VLM.NAME] if opts.vit_endpoints else [PREPROCESS.NAME, VIT.NAME, VLM.NAME]
+    return models + ([VIT_CACHE.NAME] if opts.vit_cache_mb > 0 else [])
 
 
 def check_vit_profile(opts: RepositoryOptions) -> None:
@@ -188,25 +209,30 @@ def generate_repository(opts: RepositoryOptions) -> Path:
     """Write the repository to `opts.out` (replacing what was there) and return it."""
     if opts.target not in ("cpu", "gpu"):
         raise ValueError(f"unknown target {opts.target!r}")
-    if opts.target == "cpu" and opts.vit_onnx is None:
-        raise ValueError("the cpu target needs --vit-onnx")
-    if opts.target == "gpu" and opts.vit_engine is None:
-        raise ValueError("the gpu target needs --vit-engine")
-    if opts.target == "gpu":
-        check_vit_profile(opts)
-    config = engine_config(opts)
+    if opts.role not in ROLES:
+        raise ValueError(f"unknown role {opts.role!r}")
+    if opts.role == VIT_SERVER and opts.vit_endpoints:
+        raise ValueError("a ViT server (--role vit-server) encodes media itself: it takes no --vit-endpoints")
+    parse_endpoints(opts.vit_endpoints)  # a malformed list is refused before anything is written
+    models = hosted_models(opts)
+    if VIT.NAME in models:
+        if opts.target == "cpu" and opts.vit_onnx is None:
+            raise ValueError("the cpu target needs --vit-onnx")
+        if opts.target == "gpu" and opts.vit_engine is None:
+            raise ValueError("the gpu target needs --vit-engine")
+        if opts.target == "gpu":
+            check_vit_profile(opts)
+    config = engine_config(opts) if VLM.NAME in models else None  # its errors before anything is removed
     if opts.out.exists():
         shutil.rmtree(opts.out)
-    for name, make_config in CONFIGS.items():
-        if name == VIT_CACHE.NAME and opts.vit_cache_mb <= 0:
-            continue
+    for name in models:
         version = opts.out / name / "1"
         version.mkdir(parents=True)
-        (opts.out / name / "config.pbtxt").write_text(make_config(opts))
+        (opts.out / name / "config.pbtxt").write_text(CONFIGS[name](opts))
         if name == VIT.NAME and opts.target == "gpu":
             shutil.copy2(opts.vit_engine, version / "model.plan")
             continue
-        if name == VLM.NAME:
+        if config is not None and name == VLM.NAME:
             config.write(version)
         shutil.copy2(SOURCE_REPOSITORY / name / "1" / "model.py", version / "model.py")
     return opts.out

@@ -37,11 +37,19 @@ MEDIA_HELP = {
 }
 
 
+# What a deployment's tritonserver hosts: everything (one host), or the vision side alone (a ViT server that
+# LLM hosts reach through --vit-endpoints).
+VIT_SERVER = "vit-server"
+ROLES = ("all", VIT_SERVER)
+
+
 @dataclass
 class RepositoryOptions:
     checkpoint: Path
     out: Path
     target: str = "cpu"
+    role: str = "all"
+    vit_endpoints: str = ""  # host:port,... of ViT servers; set: this host runs no `preprocess` and `vit`
     vit_onnx: Path | None = None
     vit_engine: Path | None = None
     gpus: list[int] = field(default_factory=lambda: [0])
@@ -115,6 +123,12 @@ def add_repository_arguments(parser: argparse.ArgumentParser, gpu: bool) -> None
         media.add_argument(_flag(name), dest=name, type=types[name], help=MEDIA_HELP[name])
 
     vision = parser.add_argument_group("vision tower and preprocessing")
+    vision.add_argument("--role", choices=ROLES, default=d.role,
+                        help=f"all: the whole model on this host; {VIT_SERVER}: a ViT server (preprocess and vit, "
+                             "reached over gRPC by LLM hosts started with --vit-endpoints)")
+    vision.add_argument("--vit-endpoints", default=d.vit_endpoints,
+                        help="gRPC host:port of ViT servers, comma-separated: images and videos are encoded "
+                             "there (the least busy first) instead of on this host")
     if gpu:
         vision.add_argument("--vit-engine", type=Path, help="the TensorRT plan of the gpu target")
         vision.add_argument("--gpus", default="0", help="comma-separated GPU ids; one ViT instance group per GPU")

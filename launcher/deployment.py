@@ -88,7 +88,8 @@ START_ATTEMPTS = 3
 
 @dataclass
 class Stack:
-    """tritonserver with our repository plus the proxy in front of it, one deployment (see `lifecycle`).
+    """tritonserver with our repository plus the proxy in front of it (none on a ViT server), one deployment
+    (see `lifecycle`).
 
     While it runs, a supervisor brings back any model process that dies, or the server. A start first
     removes whatever an earlier run in the same work directory left; a stop leaves no process and no
@@ -96,20 +97,21 @@ class Stack:
     """
 
     triton: TritonServer
-    proxy: ProxyProcess
+    proxy: ProxyProcess | None
     deployment: Deployment
     proxy_stop_s: float = 40.0  # the proxy's grace period plus a margin; then it is killed
     supervisor: Supervisor | None = None
 
     @classmethod
-    def create(cls, repository: Path, workdir: Path, ports: TritonPorts, proxy_port: int,
+    def create(cls, repository: Path, workdir: Path, ports: TritonPorts, proxy_port: int | None,
                proxy_args: Sequence[str] = (), proxy_stop_s: float = 40.0,
-               load_timeout_s: float = LOAD_TIMEOUT_S) -> Stack:
+               load_timeout_s: float = LOAD_TIMEOUT_S, triton_address: str = "127.0.0.1") -> Stack:
+        """``proxy_port`` None: no proxy (a ViT server's stack)."""
         deployment = Deployment.of(workdir)
         triton = TritonServer(repository, workdir / "tritonserver", ports, log_path=workdir / "tritonserver.log",
-                              deployment=deployment, load_timeout_s=load_timeout_s)
-        proxy = ProxyProcess(triton.grpc_url, proxy_port, log_path=workdir / "proxy.log",
-                             extra_args=proxy_args, deployment=deployment)
+                              deployment=deployment, load_timeout_s=load_timeout_s, address=triton_address)
+        proxy = None if proxy_port is None else ProxyProcess(
+            triton.grpc_url, proxy_port, log_path=workdir / "proxy.log", extra_args=proxy_args, deployment=deployment)
         return cls(triton, proxy, deployment, proxy_stop_s)
 
     def start(self, report: Report = silent) -> None:
@@ -118,13 +120,16 @@ class Stack:
         try:
             report("starting tritonserver: loading the models")
             self._start_triton(report)
-            self.proxy.start()
-            report("proxy up")
+            if self.proxy is not None:
+                self.proxy.start()
+                report("proxy up")
         except BaseException:  # a Ctrl-C during the start too
             self.stop()
             raise
-        self.supervisor = Supervisor(self.triton, keep=lambda: [self.proxy.process.pid],
-                                     on_requests_lost=self.proxy.lose_requests_in_flight)
+        proxy = self.proxy
+        self.supervisor = Supervisor(
+            self.triton, keep=lambda: [] if proxy is None else [proxy.process.pid],
+            on_requests_lost=(lambda: None) if proxy is None else proxy.lose_requests_in_flight)
         self.supervisor.start()
 
     def _start_triton(self, report: Report) -> None:
@@ -142,14 +147,15 @@ class Stack:
                 self.triton.kill()
 
     def running(self) -> bool:
-        """The proxy and the supervisor run (the supervisor brings tritonserver back if it dies)."""
-        return (self.proxy.process is not None and self.proxy.process.poll() is None
-                and self.supervisor is not None and self.supervisor.running())
+        """The proxy (if any) and the supervisor run (the supervisor brings tritonserver back if it dies)."""
+        proxy_runs = self.proxy is None or (self.proxy.process is not None and self.proxy.process.poll() is None)
+        return proxy_runs and self.supervisor is not None and self.supervisor.running()
 
     def stop(self) -> None:
         if self.supervisor is not None:
             self.supervisor.stop()
-        self.proxy.stop(self.proxy_stop_s)
+        if self.proxy is not None:
+            self.proxy.stop(self.proxy_stop_s)
         self.triton.stop(TRITON_STOP_S)
         if self.supervisor is not None:
             self.supervisor.join(TRITON_STOP_S)

@@ -12,8 +12,9 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.generate_repository import engine_config
+from export.generate_repository import engine_config, hosted_models
 from export.repository_options import RepositoryOptions
+from vlmserve.contracts import ENCODE, VIT, VIT_CACHE, VLM
 from vlmserve.media.settings import MediaSettings, capped_max_pixels
 from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL, vit_memory_bound
 
@@ -30,6 +31,7 @@ ENGINE_CORE_BYTES = 650 * 2**20
 ENGINE_WORKER_BYTES = 850 * 2**20
 PROXY_BYTES = 120 * 2**20
 VIT_CACHE_STUB_BYTES = 20 * 2**20
+ENCODE_STUB_BYTES = PREPROCESS_BYTES  # the same imports (the media path) and the ViT's outputs in flight
 
 
 class PreflightError(Exception):
@@ -121,27 +123,37 @@ class MemoryEstimate:
 
 def memory_estimate(opts: RepositoryOptions) -> MemoryEstimate:
     """What a CPU stack with ``opts`` holds once it serves its largest request: the engine's share as the engine
-    arguments the repository will pass (dtype and KV cache, `--llm-engine-args` included)."""
-    try:
-        engine = engine_config(opts).args
-    except ValueError as exc:
-        raise PreflightError(str(exc)) from None
+    arguments the repository will pass (dtype and KV cache, `--llm-engine-args` included), the vision side's
+    where this host runs it."""
+    models = hosted_models(opts)
     counts = weight_counts(opts.checkpoint)
-    dtype = engine["dtype"]
-    # vLLM builds the whole Qwen2-VL, vision tower included, though the repository's ViT encodes the media: a
-    # tower is only left out when every modality's limit is 0, and then embeddings are refused too.
-    weights = counts.stored_bytes if dtype == "auto" else (counts.llm + counts.vision) * DTYPE_BYTES.get(dtype, 4)
-    config = json.loads((opts.checkpoint / "config.json").read_text())["vision_config"]
-    patch, temporal = config.get("patch_size", 14), config.get("temporal_patch_size", 2)
-    media = MediaSettings.from_checkpoint(opts.checkpoint).with_parameters(opts.media)
-    largest_image = capped_max_pixels(max(media.max_pixels, media.video_max_pixels), patch) // patch**2
-    vit = vit_memory_bound(max(largest_image, opts.vit_max_patches or CPU_MAX_PATCHES_PER_CALL),
-                           3 * temporal * patch**2, config["embed_dim"], 4 * counts.vision)
-    processes = (TRITONSERVER_BYTES + opts.preprocess_instances * PREPROCESS_BYTES + VLM_STUB_BYTES
-                 + ENGINE_CORE_BYTES + ENGINE_WORKER_BYTES + PROXY_BYTES)
-    if opts.vit_cache_mb > 0:
+    weights = kv_cache = vit = 0
+    processes = TRITONSERVER_BYTES
+    if VLM.NAME in models:
+        try:
+            engine = engine_config(opts).args
+        except ValueError as exc:
+            raise PreflightError(str(exc)) from None
+        dtype = engine["dtype"]
+        # vLLM builds the whole Qwen2-VL, vision tower included, though our ViT encodes the media: a tower is
+        # only left out when every modality's limit is 0, and then embeddings are refused too.
+        weights = counts.stored_bytes if dtype == "auto" else (counts.llm + counts.vision) * DTYPE_BYTES.get(dtype, 4)
+        kv_cache = int(engine["kv_cache_memory_bytes"])
+        processes += VLM_STUB_BYTES + ENGINE_CORE_BYTES + ENGINE_WORKER_BYTES + PROXY_BYTES
+    if VIT.NAME in models:
+        config = json.loads((opts.checkpoint / "config.json").read_text())["vision_config"]
+        patch, temporal = config.get("patch_size", 14), config.get("temporal_patch_size", 2)
+        media = MediaSettings.from_checkpoint(opts.checkpoint).with_parameters(opts.media)
+        largest_image = capped_max_pixels(max(media.max_pixels, media.video_max_pixels), patch) // patch**2
+        vit = opts.vit_cpu_instances * vit_memory_bound(
+            max(largest_image, opts.vit_max_patches or CPU_MAX_PATCHES_PER_CALL), 3 * temporal * patch**2,
+            config["embed_dim"], 4 * counts.vision)
+        processes += opts.preprocess_instances * PREPROCESS_BYTES
+    if ENCODE.NAME in models:
+        processes += ENCODE_STUB_BYTES
+    if VIT_CACHE.NAME in models:
         processes += VIT_CACHE_STUB_BYTES + int(opts.vit_cache_mb * 2**20)
-    return MemoryEstimate(weights, int(engine["kv_cache_memory_bytes"]), opts.vit_cpu_instances * vit, processes)
+    return MemoryEstimate(weights, kv_cache, vit, processes)
 
 
 def available_memory() -> int:

@@ -3,6 +3,8 @@
     python -m launcher.serve                       # builds and serves the small test checkpoint
     python -m launcher.serve --checkpoint /models/Qwen2-VL-2B-Instruct --max-model-len 8192
     python -m launcher.serve --api-key SECRET --kv-cache-bytes 4294967296 --max-pixels 1003520
+    python -m launcher.serve --role vit-server --grpc-port 9001 ...   # a ViT server (tritonserver only, no proxy)
+    python -m launcher.serve --vit-endpoints vithost1:9001,vithost2:9001   # an LLM host that uses them
 
 Before any process starts, it checks that every port is free, that the checkpoint is readable and that the
 host has the memory the settings need (exit code 2 and one line naming the setting otherwise). Then it says
@@ -19,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from export.repository_options import RepositoryOptions, add_repository_arguments, repository_options
+from export.repository_options import VIT_SERVER, RepositoryOptions, add_repository_arguments, repository_options
 from launcher.preflight import (PreflightError, available_memory, check_checkpoint, check_memory, check_ports,
                                 memory_estimate)
 from launcher.processes import TRITON_STOP_S
@@ -56,7 +58,10 @@ def build_parser() -> tuple[ServeParser, list[argparse.Action]]:
     parser.add_argument("--load-timeout-s", type=float, default=1800.0,
                         help="how long tritonserver may take to load every model (a large checkpoint on CPU takes "
                              "minutes), and one model to load again after its process died")
-    ports = parser.add_argument_group("ports (on 127.0.0.1)")
+    ports = parser.add_argument_group("ports (on 127.0.0.1 unless --triton-address says otherwise)")
+    ports.add_argument("--triton-address", default="127.0.0.1",
+                       help="the interface Triton's ports listen on (0.0.0.0: all, for a ViT server that LLM hosts on "
+                            "other machines reach)")
     ports.add_argument("--port", type=int, default=8000, help="OpenAI proxy port")
     ports.add_argument("--grpc-port", type=int, default=8001, help="Triton gRPC port")
     ports.add_argument("--metrics-port", type=int, default=8002, help="Triton metrics port")
@@ -75,9 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     parser, proxy_actions = build_parser()
     args = parser.parse_args(argv)
     check_proxy_arguments(parser, args)
+    vit_server = args.role == VIT_SERVER
+    ports = {"--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port, "--http-port": args.http_port}
     try:
-        check_ports({"--port": args.port, "--grpc-port": args.grpc_port, "--metrics-port": args.metrics_port,
-                     "--http-port": args.http_port})
+        check_ports(ports if vit_server else {"--port": args.port, **ports})
     except PreflightError as exc:
         refuse(exc)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -113,9 +119,12 @@ def run(args: argparse.Namespace, opts: RepositoryOptions, proxy_args: list[str]
     repository = write_cpu_repository(opts, progress)
     # The proxy drains for the grace period, then gets a second to exit before it is killed; tritonserver
     # gets TRITON_STOP_S after that (Stack.stop): within STOP_MARGIN_S together.
+    vit_server = opts.role == VIT_SERVER
     stack = Stack.create(repository, deploy_dir, TritonPorts(args.http_port, args.grpc_port, args.metrics_port),
-                         args.port, [*proxy_args, "--shutdown-grace-s", str(args.shutdown_grace_s)],
-                         proxy_stop_s=args.shutdown_grace_s + 1, load_timeout_s=args.load_timeout_s)
+                         None if vit_server else args.port,
+                         [*proxy_args, "--shutdown-grace-s", str(args.shutdown_grace_s)],
+                         proxy_stop_s=args.shutdown_grace_s + 1, load_timeout_s=args.load_timeout_s,
+                         triton_address=args.triton_address)
     # Explicit handlers: a shell that starts us in the background leaves SIGINT ignored. Set before the
     # start, so that a Ctrl-C during it still stops what has started.
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -128,13 +137,17 @@ def run(args: argparse.Namespace, opts: RepositoryOptions, proxy_args: list[str]
                 raise
             sys.exit(f"serve: model {exited.failure.model} failed to load: {exited.failure.reason}\n"
                      f"serve: the whole log is {deploy_dir}/tritonserver.log")
-        print(f"Triton gRPC   127.0.0.1:{args.grpc_port}  (metrics http://127.0.0.1:{args.metrics_port}/metrics)")
-        print(f"OpenAI API    {stack.proxy.base_url}  model={args.served_model_name or opts.checkpoint.name}")
-        print(f"Logs          {deploy_dir}/tritonserver.log, {deploy_dir}/proxy.log   (Ctrl-C stops)")
+        print(f"Triton gRPC   {args.triton_address}:{args.grpc_port}  (metrics {stack.triton.metrics_url})")
+        if stack.proxy is None:
+            print(f"ViT server    LLM hosts reach it with --vit-endpoints HOST:{args.grpc_port}")
+            print(f"Logs          {deploy_dir}/tritonserver.log   (Ctrl-C stops)")
+        else:
+            print(f"OpenAI API    {stack.proxy.base_url}  model={args.served_model_name or opts.checkpoint.name}")
+            print(f"Logs          {deploy_dir}/tritonserver.log, {deploy_dir}/proxy.log   (Ctrl-C stops)")
         print(f"Started in {progress.elapsed():.1f} s", flush=True)
         while stack.running():
             time.sleep(1)
-        sys.exit("the proxy exited; see the logs above")
+        sys.exit("the proxy or tritonserver exited for good; see the logs above")
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut the stop short
             signal.signal(signum, signal.SIG_IGN)

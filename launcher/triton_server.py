@@ -102,7 +102,8 @@ STUB_NAME = "triton_python_backend_stub"
 
 
 class TritonServer:
-    """A tritonserver child process bound to 127.0.0.1, the leader of a process group of its own.
+    """A tritonserver child process bound to `address` (127.0.0.1 unless a ViT server must be reached from other
+    hosts), the leader of a process group of its own.
 
     Models are loaded explicitly (all of them at start), so that one whose backend process died can be
     unloaded and loaded again through the repository API while the others keep serving.
@@ -110,8 +111,9 @@ class TritonServer:
 
     def __init__(self, model_repository: Path, install_dir: Path, ports: TritonPorts, log_path: Path | None = None,
                  extra_args: list[str] | None = None, deployment: Deployment | None = None,
-                 load_timeout_s: float = LOAD_TIMEOUT_S) -> None:
+                 load_timeout_s: float = LOAD_TIMEOUT_S, address: str = "127.0.0.1") -> None:
         self.model_repository = model_repository
+        self.address = address
         self.load_timeout_s = load_timeout_s  # a start (every model) or one model's reload
         self.install_dir = prepare_triton_install(install_dir)
         self.ports = ports
@@ -124,21 +126,26 @@ class TritonServer:
         self._stopped = False
 
     @property
+    def _host(self) -> str:
+        """Where this host's own clients reach the server."""
+        return "127.0.0.1" if self.address in ("0.0.0.0", "::") else self.address
+
+    @property
     def grpc_url(self) -> str:
-        return f"127.0.0.1:{self.ports.grpc}"
+        return f"{self._host}:{self.ports.grpc}"
 
     @property
     def metrics_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.metrics}/metrics"
+        return f"http://{self._host}:{self.ports.metrics}/metrics"
 
     def command(self) -> list[str]:
         return [
             str(self.install_dir / "bin" / "tritonserver"),
             f"--model-repository={self.model_repository}",
             f"--backend-directory={self.install_dir / 'backends'}",
-            "--http-address=127.0.0.1", f"--http-port={self.ports.http}",
-            "--grpc-address=127.0.0.1", f"--grpc-port={self.ports.grpc}",
-            "--metrics-address=127.0.0.1", f"--metrics-port={self.ports.metrics}",
+            f"--http-address={self.address}", f"--http-port={self.ports.http}",
+            f"--grpc-address={self.address}", f"--grpc-port={self.ports.grpc}",
+            f"--metrics-address={self.address}", f"--metrics-port={self.ports.metrics}",
             "--allow-metrics=true", "--allow-gpu-metrics=false", "--allow-cpu-metrics=false",
             "--exit-on-error=true", f"--exit-timeout-secs={EXIT_TIMEOUT_S}",
             "--model-control-mode=explicit", "--load-model=*",
@@ -225,13 +232,13 @@ class TritonServer:
 
     def is_decoupled(self, name: str) -> bool:
         """Whether the server runs `name` with a decoupled transaction policy (its own view of the config)."""
-        response = httpx.get(f"http://127.0.0.1:{self.ports.http}/v2/models/{name}/config", timeout=10)
+        response = httpx.get(f"http://{self._host}:{self.ports.http}/v2/models/{name}/config", timeout=10)
         response.raise_for_status()
         return bool(response.json().get("model_transaction_policy", {}).get("decoupled"))
 
     def reload_model(self, name: str) -> None:
         """Unload `name` (the server reports not-ready meanwhile) and load it again, with new processes."""
-        base = f"http://127.0.0.1:{self.ports.http}/v2/repository/models/{name}"
+        base = f"http://{self._host}:{self.ports.http}/v2/repository/models/{name}"
         for action in ("unload", "load"):
             response = httpx.post(f"{base}/{action}", json={}, timeout=self.load_timeout_s)
             if response.status_code != 200:

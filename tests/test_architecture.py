@@ -75,7 +75,7 @@ NOT_OUR_TENSORS = {"vlmserve/media/preprocessing.py": {"pixel_values"}}
 
 
 def test_each_inter_model_tensor_and_model_is_named_in_the_contracts_module_only():
-    models = (contracts.PREPROCESS, contracts.VIT, contracts.VIT_CACHE, contracts.VLM)
+    models = (contracts.PREPROCESS, contracts.VIT, contracts.VIT_CACHE, contracts.VLM, contracts.ENCODE)
     names = {spec.name for model in models for spec in (*model.inputs, *model.outputs)}
     names |= {model.NAME for model in models} - {"vit_cache"}  # also the vlm model's parameter of that name
     assert len(names) > 20
@@ -100,4 +100,4 @@ def test_no_model_relays_another_s_stream():
                 decoupled = [k for k in node.keywords if k.arg == "decoupled"]
                 assert not any(isinstance(k.value, ast.Constant) and k.value.value for k in decoupled), path
     assert sorted(p.name for p in (ROOT / "model_repository").iterdir() if p.is_dir()) == \
-        ["preprocess", "vit", "vit_cache", "vlm"]
+        ["encode", "preprocess", "vit", "vit_cache", "vlm"]

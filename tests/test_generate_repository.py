@@ -17,7 +17,7 @@ from export.generate_repository import (
     generate_repository,
 )
 from export.build_trt_engine import write_profile
-from export.repository_options import repository_options
+from export.repository_options import VIT_SERVER, repository_options
 from vlmserve.engine.config import EngineConfig
 from vlmserve.media.settings import MediaSettings
 from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL
@@ -120,6 +120,30 @@ def test_cpu_target_serves_the_onnx_graph_from_python(tmp_path):
     assert 'key: "served_model_name" value: { string_value: "' + tmp_path.resolve().name + '" }' in \
         (repo / "vlm" / "config.pbtxt").read_text()
     assert str(onnx.resolve()) in (repo / "vit" / "config.pbtxt").read_text()
+
+
+def test_a_vit_server_hosts_the_vision_side_and_an_llm_host_that_uses_one_does_not(tmp_path):
+    onnx = tmp_path / "vit.onnx"
+    onnx.write_bytes(b"onnx")
+    server = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "vit-server", vit_onnx=onnx,
+                                                   role=VIT_SERVER, media={"max_pixels": "1003520"}))
+    assert sorted(p.name for p in server.iterdir()) == ["encode", "preprocess", "vit"]
+    encode = (server / "encode" / "config.pbtxt").read_text()
+    assert "decoupled" not in encode and 'key: "max_pixels" value: { string_value: "1003520" }' in encode
+    assert (server / "encode" / "1" / "model.py").exists()
+
+    host = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "llm-host",
+                                                 vit_endpoints="vit-0:8001, vit-1:8001"))
+    assert sorted(p.name for p in host.iterdir()) == ["vit_cache", "vlm"]
+    vlm_config = (host / "vlm" / "config.pbtxt").read_text()
+    params = re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', vlm_config)
+    assert VlmSettings.from_parameters(dict(params)).vit_endpoints == "vit-0:8001,vit-1:8001"
+
+    with pytest.raises(ValueError, match="host:port"):
+        generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "bad", vit_endpoints="vit-0"))
+    with pytest.raises(ValueError, match="no --vit-endpoints"):
+        generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "bad", vit_onnx=onnx,
+                                              role=VIT_SERVER, vit_endpoints="vit-0:8001"))
 
 
 def test_vit_is_batched_by_the_bls_not_by_triton(tmp_path):

@@ -22,7 +22,7 @@ from PIL import Image
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil, smart_resize
 
 from vlmserve.errors import InvalidRequest
-from vlmserve.media.decode import MediaError, VideoFrames, decode_image, decode_video, sample_indices
+from vlmserve.media.decode import MediaError, VideoFrames, decode_image, decode_video, image_size, sample_indices
 from vlmserve.media.preprocessing import VisionPreprocessor
 from vlmserve.media.settings import (
     FPS_MIN_FRAMES,
@@ -411,3 +411,25 @@ def test_decode_video_errors(data, message):
 def test_decode_video_frame_pixel_limit():
     with pytest.raises(MediaError, match="64x48 = 3072 pixels, the limit is 3000"):
         decode_video(make_video(4), fps=2.0, max_frame_pixels=3000)
+
+
+@pytest.mark.parametrize("height, width", [(48, 64), (1000, 700), (37, 531), (1080, 1920), (20, 20)])
+@pytest.mark.parametrize("min_pixels, max_pixels", [(3136, 12845056), (3136, 256 * 28 * 28), (64 * 28 * 28, 1003520)])
+def test_an_image_grid_from_its_header_is_the_preprocessed_one(preprocessor, height, width, min_pixels, max_pixels):
+    """An LLM host whose ViT runs elsewhere admits a request from the grids its images' headers give."""
+    buffer = io.BytesIO()
+    make_image(height, width, "RGB").save(buffer, format="JPEG")
+    data = buffer.getvalue()
+    assert image_size(data) == (width, height)
+    _, grid = preprocessor.image(decode_image(data), min_pixels, max_pixels)
+    assert preprocessor.image_grid(height, width, min_pixels, max_pixels).tolist() == grid.tolist()
+
+
+def test_an_image_header_is_checked_as_decoding_checks_it():
+    buffer = io.BytesIO()
+    make_image(100, 100, "RGB").save(buffer, format="PNG")
+    with pytest.raises(MediaError, match="too large"):
+        image_size(buffer.getvalue(), max_image_pixels=9999)
+    for data in (b"", b"not an image"):
+        with pytest.raises(MediaError):
+            image_size(data)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from export.generate_repository import build_parser as generate_parser
-from export.repository_options import DEFAULTS, RepositoryOptions, repository_options
+from export.repository_options import DEFAULTS, VIT_SERVER, RepositoryOptions, repository_options
 from launcher.lifecycle import Deployment
 from launcher.preflight import (MemoryEstimate, PreflightError, check_checkpoint, check_memory, memory_estimate,
                                 weight_counts)
@@ -75,11 +75,12 @@ def test_an_unknown_option_names_the_closest_known_one():
 
 def test_help_lists_the_settings_by_group():
     out = _serve("--help").stdout
-    for group in ("ports (on 127.0.0.1)", "LLM engine", "media limits", "vision tower and preprocessing",
+    for group in ("ports (on 127.0.0.1 unless", "LLM engine", "media limits", "vision tower and preprocessing",
                   "OpenAI proxy"):
         assert f"\n{group}" in out
     for flag in ("--max-model-len", "--kv-cache-bytes", "--max-num-seqs", "--llm-engine-args", "--max-pixels",
-                 "--max-frames", "--vit-cache-mb", "--vit-cpu-threads", "--preprocess-instances", "--api-key"):
+                 "--max-frames", "--vit-cache-mb", "--vit-cpu-threads", "--preprocess-instances", "--api-key",
+                 "--role", "--vit-endpoints", "--triton-address"):
         assert flag in out
 
 
@@ -125,6 +126,13 @@ def test_the_memory_estimate_adds_weights_in_the_engines_dtype_kv_cache_and_vit(
     passed = memory_estimate(RepositoryOptions(checkpoint=tiny_checkpoint, out=tmp_path, llm_engine_args={
         "dtype": "bfloat16", "kv_cache_memory_bytes": 2**29}))
     assert (passed.weights, passed.kv_cache) == (estimate.weights // 2, 2**29)
+    # Each host counts what it runs: a ViT server no engine, an LLM host that uses ViT servers no ViT.
+    vit_server = memory_estimate(RepositoryOptions(checkpoint=tiny_checkpoint, out=tmp_path, role=VIT_SERVER))
+    assert (vit_server.weights, vit_server.kv_cache, vit_server.vit) == (0, 0, estimate.vit)
+    llm_host = memory_estimate(RepositoryOptions(checkpoint=tiny_checkpoint, out=tmp_path, kv_cache_bytes=2**30,
+                                                 vit_endpoints="vit:8001"))
+    assert (llm_host.weights, llm_host.kv_cache, llm_host.vit) == (estimate.weights, 2**30, 0)
+    assert vit_server.processes + llm_host.processes > estimate.processes
 
 
 def test_an_unreadable_checkpoint_is_named(tiny_checkpoint, tmp_path):

@@ -19,6 +19,7 @@ from tests.test_end_to_end import png_bytes
 from vlmserve.errors import InvalidRequest
 from vlmserve.media.decode import decode_image
 from vlmserve.media.encoder import MediaEncoder
+from vlmserve.media.vision import LocalVision
 from vlmserve.media.preprocessing import VisionPreprocessor
 from vlmserve.vit.runner import OnnxVitRunner
 from vlmserve.vit.cache import EmbeddingCache
@@ -72,7 +73,8 @@ def models(tiny_checkpoint, onnx_path) -> FakeModels:
 @pytest.fixture
 def make_encoder(models):
     def make(use_cache: bool) -> MediaEncoder:
-        return MediaEncoder(models.infer, models.settings, models.preprocessor.merge_size, 4096, use_cache)
+        vision = LocalVision(models.infer, models.preprocessor.merge_size, 4096)
+        return MediaEncoder(vision, models.settings, models.infer if use_cache else None)
 
     return make
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmserve.errors import InvalidRequest
+from vlmserve.errors import InvalidRequest, Unavailable
 
 
 @dataclass(frozen=True)
@@ -75,6 +75,18 @@ class VIT_CACHE:
     outputs = (FOUND, EMBEDS, GRID_THW)
 
 
+class ENCODE:
+    """A ViT server's entry point (the vision side of a deployment on a host of its own): one medium's bytes and
+    its resolved options in, its grid_thw and embeddings out. Preprocessing and the `vit` calls happen on that
+    server, so pixel values never cross the network."""
+
+    NAME = "encode"
+    inputs = PREPROCESS.inputs
+    GRID_THW = PREPROCESS.GRID_THW
+    EMBEDS = TensorSpec("EMBEDS", "TYPE_FP32", (-1, -1))  # the `vit` output, as the `vit` model's dtype gives it
+    outputs = (GRID_THW, EMBEDS)
+
+
 class VLM:
     """The decoupled model clients call, which owns the LLM engine: a JSON request and media bytes in, text
     streamed out. Every response has TEXT (LOGPROBS too when asked for); the last one also the rest."""
@@ -100,13 +112,28 @@ class VLM:
 # the error from its message alone; r25.04 keeps the code), and a gRPC stream response has only an error
 # message. So the message carries this marker, and the user's text follows it; the proxy answers HTTP 400.
 INVALID_REQUEST_MARKER = "invalid_request: "
+# What a model reports for vlmserve.errors.Unavailable: the proxy answers 503 with Retry-After.
+UNAVAILABLE_MARKER = "unavailable: "
+# How Triton 2.51 words it when a model that a request reaches (`vlm`, or one that `vlm` calls) has a dead
+# backend process, is being unloaded or loaded again, or the server is stopping; and our own marker.
+UNAVAILABLE_MESSAGES = ("is not healthy", "is not ready", "Request for unknown model", "has no available versions",
+                        "Server is stopping", "Server not ready", UNAVAILABLE_MARKER)
 
 
 def encode_error(exc: Exception) -> str:
-    """The error message a model reports for ``exc``: user mistakes marked, anything else an internal error."""
+    """The error message a model reports for ``exc``: user mistakes and unavailable parts marked, anything else
+    an internal error."""
     if isinstance(exc, InvalidRequest):
         return INVALID_REQUEST_MARKER + str(exc)
+    if isinstance(exc, Unavailable):
+        return UNAVAILABLE_MARKER + str(exc)
     return f"internal error: {type(exc).__name__}: {exc}"
+
+
+def is_unavailable_message(message: str) -> bool:
+    """Whether an error message says that a model or server is down or coming back (the request may succeed
+    later), as opposed to a failure of the request."""
+    return any(marker in message for marker in UNAVAILABLE_MESSAGES)
 
 
 def invalid_request_message(message: str) -> str | None:

@@ -17,6 +17,12 @@ S = TypeVar("S", bound="ModelParameters")
 _PARSERS = {int: int, float: float, str: str, bool: lambda value: value == "true"}
 
 
+def config_parameters(config: Mapping[str, Any]) -> dict[str, str]:
+    """The `parameters` of a model config as Triton gives it in JSON; an empty string_value comes without
+    the key."""
+    return {key: value.get("string_value", "") for key, value in config.get("parameters", {}).items()}
+
+
 class ModelParameters:
     """Mixin for a frozen dataclass of int, float, str and bool fields."""
 

@@ -10,22 +10,22 @@ A client that goes away cancels its request's task wherever it is, which aborts 
 from __future__ import annotations
 
 import asyncio
-import threading
 import uuid
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 
 from transformers import AutoTokenizer
 
 from vlmserve.engine.config import EngineConfig
 from vlmserve.engine.vllm_engine import VllmEngine
+from vlmserve.event_loop import LoopThread
 from vlmserve.inputs.processor import InputProcessor
 from vlmserve.inputs.request import parse_request
-from vlmserve.media.encoder import Infer
+from vlmserve.media.vision import Infer
 from vlmserve.outputs.processor import RequestState
 from vlmserve.outputs.token_bytes import TokenBytes
 from vlmserve.outputs.writer import Outbox, ResponseStream, ResponseWriter
 from vlmserve.priority import lower_priority
+from vlmserve.vit.pool import VitPool, parse_endpoints
 from vlmserve.vlm_settings import VlmSettings
 
 # Threads for the media's model calls (a BLS call blocks a thread until its model answers): enough that the
@@ -36,17 +36,17 @@ MODEL_CALL_THREADS = 32
 class VlmService:
     def __init__(self, settings: VlmSettings, params: Mapping[str, str], engine_config: EngineConfig,
                  infer: Infer) -> None:
-        self.loop = asyncio.new_event_loop()
-        self.loop.set_default_executor(ThreadPoolExecutor(MODEL_CALL_THREADS, thread_name_prefix="vlm-calls"))
-        self._thread = threading.Thread(target=self.loop.run_forever, name="vlm-loop", daemon=True)
-        self._thread.start()
+        self._loop_thread = LoopThread("service", MODEL_CALL_THREADS)
+        self.loop = self._loop_thread.loop
         self._tasks: set[asyncio.Task] = set()
         # vLLM's engine belongs to the loop it is created on. Its engine core starts in processes of its own
         # meanwhile this one loads the rest: a model that comes back after a crash is ready sooner.
-        engine = asyncio.run_coroutine_threadsafe(self._create_engine(engine_config), self.loop)
+        engine = self._loop_thread.submit(self._create_engine(engine_config))
         tokenizer = AutoTokenizer.from_pretrained(settings.checkpoint_dir)
         self.token_bytes = TokenBytes(tokenizer)
-        make_inputs = InputProcessor.loader(settings, params, infer, tokenizer)
+        # ViT servers to send the media to, when the vision side runs on hosts of its own.
+        self.vit_pool = VitPool(parse_endpoints(settings.vit_endpoints)) if settings.vit_endpoints else None
+        make_inputs = InputProcessor.loader(settings, params, infer, tokenizer, self.vit_pool)
         self.engine = engine.result()
         lower_priority(settings.frontend_niceness)  # the engine's processes, started by now, keep theirs
         self.inputs = make_inputs(self.engine.max_model_len)
@@ -54,7 +54,7 @@ class VlmService:
 
     def run_on_loop(self, coroutine):
         """Run `coroutine` on the service's loop (where its engine lives) and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        return self._loop_thread.run(coroutine)
 
     @staticmethod
     async def _create_engine(config: EngineConfig) -> VllmEngine:
@@ -96,8 +96,9 @@ class VlmService:
                 task.cancel()
             await asyncio.gather(*self._tasks, return_exceptions=True)
             self.engine.shutdown()
+            if self.vit_pool is not None:
+                await self.vit_pool.close()
 
         self.run_on_loop(stop())
         self.writer.shutdown()
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(timeout=10)
+        self._loop_thread.stop()

@@ -8,8 +8,9 @@ from collections.abc import Mapping
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from vlmserve.contracts import VLM, encode_error, raise_for_error
+from vlmserve.contracts import PREPROCESS, VLM, encode_error, raise_for_error
 from vlmserve.errors import InvalidRequest
+from vlmserve.model_parameters import config_parameters
 from vlmserve.outputs.processor import Delta
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -17,8 +18,7 @@ FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 
 def model_parameters(args: dict) -> dict[str, str]:
     """The `parameters { key: ... value: { string_value: ... } }` entries of config.pbtxt."""
-    params = json.loads(args["model_config"]).get("parameters", {})
-    return {key: value["string_value"] for key, value in params.items()}
+    return config_parameters(json.loads(args["model_config"]))
 
 
 def optional_input(request, name: str) -> np.ndarray | None:
@@ -31,6 +31,18 @@ def required_input(request, name: str) -> np.ndarray:
     if value is None:
         raise InvalidRequest(f"missing input {name}")
     return value
+
+
+def medium_input(request) -> tuple[bytes, dict]:
+    """The medium of a `preprocess` or `encode` request: its bytes, and its part (kind and options) as the
+    `vlm` model's messages give it (vlmserve.media.settings.MediaSettings.resolve reads it)."""
+    data = required_input(request, PREPROCESS.MEDIA.name).reshape(-1)[0]
+    part = {"type": required_input(request, PREPROCESS.KIND.name).reshape(-1)[0].decode()}
+    for name, spec in PREPROCESS.OPTIONS.items():
+        value = optional_input(request, spec.name)
+        if value is not None:
+            part[name] = value.reshape(-1)[0].item()
+    return data, part
 
 
 def triton_error(exc: Exception) -> pb_utils.TritonError:

@@ -22,6 +22,9 @@ class VlmSettings(ModelParameters):
     max_media_per_request: int = 16
     vit_max_patches: int = MAX_PATCHES_PER_CALL  # packing budget per `vit` call
     vit_cache: bool = True  # whether a `vit_cache` model is there to ask
+    # gRPC host:port of ViT servers, comma-separated (vlmserve.vit.pool); empty: this server's own
+    # `preprocess` and `vit` models.
+    vit_endpoints: str = ""
     # Threads that send responses: each send is a round trip to tritonserver, and several in flight keep one
     # slow round trip from holding up every other stream.
     response_threads: int = 4

@@ -17,7 +17,11 @@ from vlmserve.engine.request import EngineRequest, MediaInput
 from vlmserve.errors import InvalidRequest
 from vlmserve.inputs.prompt import PromptBuilder, media_parts
 from vlmserve.inputs.request import ClientRequest
-from vlmserve.media.encoder import Infer, MediaEncoder
+from vlmserve.media.encoder import MediaEncoder
+from vlmserve.media.preprocessing import VisionPreprocessor
+from vlmserve.media.remote_vision import RemoteVision
+from vlmserve.media.vision import Infer, LocalVision
+from vlmserve.vit.pool import VitPool
 from vlmserve.sampling_options import DEFAULT_MAX_TOKENS, checkpoint_defaults, max_tokens_for
 from vlmserve.vlm_settings import VlmSettings
 
@@ -34,14 +38,20 @@ class InputProcessor:
         self.default_max_tokens = self.sampling_defaults.pop("max_tokens", DEFAULT_MAX_TOKENS)
 
     @classmethod
-    def loader(cls, settings: VlmSettings, params: Mapping[str, str], infer: Infer,
-               tokenizer) -> Callable[[int], InputProcessor]:
-        """Load what the checkpoint of `settings` needs (media limits from `params`, the vision models reached
-        by `infer`); the processor follows once the engine says its context length."""
+    def loader(cls, settings: VlmSettings, params: Mapping[str, str], infer: Infer, tokenizer,
+               vit_pool: VitPool | None = None) -> Callable[[int], InputProcessor]:
+        """Load what the checkpoint of `settings` needs (media limits from `params`; the vision models reached
+        by `infer`, or the ViT servers of `vit_pool`); the processor follows once the engine says its context
+        length."""
         config = AutoConfig.from_pretrained(settings.checkpoint_dir)
         prompts = PromptBuilder(tokenizer, config.image_token_id, config.video_token_id,
                                 config.vision_config.spatial_merge_size)
-        media = MediaEncoder.from_settings(infer, settings, params)
+        # The media settings as the vision side resolves media, so cache keys match what it produces.
+        preprocessor = VisionPreprocessor.from_pretrained(settings.checkpoint_dir)
+        media_settings = preprocessor.media_settings().with_parameters(params)
+        vision = (LocalVision(infer, preprocessor.merge_size, settings.vit_max_patches) if vit_pool is None
+                  else RemoteVision(vit_pool, preprocessor.with_settings(media_settings)))
+        media = MediaEncoder(vision, media_settings, infer if settings.vit_cache else None)
         return functools.partial(cls, prompts, media, max_media=settings.max_media_per_request,
                                  sampling_defaults=checkpoint_defaults(settings.checkpoint_dir))
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import io
 import math
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import av
 import numpy as np
@@ -21,6 +23,8 @@ from PIL import Image
 
 from vlmserve.errors import InvalidRequest
 from vlmserve.media.settings import DECODE_VIDEO_PIXEL_LIMIT, FPS_MAX_FRAMES, FPS_MIN_FRAMES, FRAME_FACTOR
+
+T = TypeVar("T")
 
 # PIL's own default limit (~89.5 MP, 1024**3 // 4 // 3): roughly a 9500x9500 photo.
 DEFAULT_MAX_IMAGE_PIXELS = 89_478_485
@@ -48,6 +52,22 @@ def decode_image(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) 
     header, before any pixel data is decompressed; PIL's own hard stop
     (``2 * PIL.Image.MAX_IMAGE_PIXELS``) still applies above it.
     """
+    return _read_image(data, max_image_pixels, lambda image: _convert_rgb(_loaded(image)))
+
+
+def image_size(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[int, int]:
+    """(width, height) of image bytes from their header alone, within the same checks as `decode_image`
+    short of decoding the pixels."""
+    return _read_image(data, max_image_pixels, lambda image: image.size)
+
+
+def _loaded(image: Image.Image) -> Image.Image:
+    image.load()  # decode now, so truncated or corrupt data fails here
+    return image
+
+
+def _read_image(data: bytes, max_image_pixels: int, read: Callable[[Image.Image], T]) -> T:
+    """``read`` of the opened image, once its header passed the pixel limit; MediaError for bad bytes."""
     if not data:
         raise MediaError("image data is empty")
     try:
@@ -61,8 +81,7 @@ def decode_image(data: bytes, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) 
                 f"image is too large: {width}x{height} = {width * height} pixels, "
                 f"the limit is {max_image_pixels}"
             )
-        image.load()  # decode now, so truncated or corrupt data fails here
-        return _convert_rgb(image)
+        return read(image)
     except MediaError:
         raise
     except Image.UnidentifiedImageError:

@@ -67,6 +67,11 @@ class VisionPreprocessor:
         )
         return out["pixel_values"], out["image_grid_thw"][0]
 
+    def image_grid(self, height: int, width: int, min_pixels: int, max_pixels: int) -> np.ndarray:
+        """int64 grid_thw [3] of an image of this size, as `image` gives it, without its pixels."""
+        resized_height, resized_width = self._target_size(height, width, min_pixels, max_pixels)
+        return np.array([1, resized_height // self.patch_size, resized_width // self.patch_size], dtype=np.int64)
+
     def video(
         self,
         frames: np.ndarray,

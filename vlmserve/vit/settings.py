@@ -1,11 +1,12 @@
-"""The settings of the `vit` and `vit_cache` models (config.pbtxt parameters), apart from the code
-that runs them so that the repository generator imports neither ONNX Runtime nor numpy for them."""
+"""The settings of the `vit`, `vit_cache` and `encode` models (config.pbtxt parameters), apart from the code
+that runs them so that the repository generator imports no ONNX Runtime for them."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from vlmserve.model_parameters import ModelParameters
+from vlmserve.vit.packing import MAX_PATCHES_PER_CALL
 
 
 @dataclass(frozen=True)
@@ -23,3 +24,11 @@ class VitCacheSettings(ModelParameters):
     """The `vit_cache` model: the bytes of embeddings it holds at most (least recently used go first)."""
 
     max_bytes: int
+
+
+@dataclass(frozen=True)
+class EncodeSettings(ModelParameters):
+    """A ViT server's `encode` model (its media limits travel in the same parameters, as `preprocess`'s)."""
+
+    checkpoint_dir: str
+    vit_max_patches: int = MAX_PATCHES_PER_CALL  # packing budget per `vit` call

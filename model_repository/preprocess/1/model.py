@@ -14,7 +14,7 @@ import triton_python_backend_utils as pb_utils
 from vlmserve.contracts import PREPROCESS
 from vlmserve.media.decode import decode_image, decode_video
 from vlmserve.media.preprocessing import VisionPreprocessor
-from vlmserve.triton_utils import model_parameters, optional_input, required_input, triton_error
+from vlmserve.triton_utils import medium_input, model_parameters, triton_error
 
 
 class TritonPythonModel:
@@ -34,12 +34,7 @@ class TritonPythonModel:
         return responses
 
     def _run(self, request) -> list:
-        data = required_input(request, PREPROCESS.MEDIA.name).reshape(-1)[0]
-        part = {"type": required_input(request, PREPROCESS.KIND.name).reshape(-1)[0].decode()}
-        for name, spec in PREPROCESS.OPTIONS.items():
-            value = optional_input(request, spec.name)
-            if value is not None:
-                part[name] = value.reshape(-1)[0].item()
+        data, part = medium_input(request)
         s = self.settings
         # The `vlm` model sends options it resolved already; resolving again keeps direct callers within limits.
         options = s.resolve(part)

@@ -2,7 +2,8 @@
 
 A thin adapter over vlmserve.service.VlmService: each request's JSON and media bytes go in, and its
 deltas come back through its decoupled response sender. The media go through `preprocess`, `vit_cache`
-and `vit` as BLS calls; the engine's settings are `vlm/1/engine.json`.
+and `vit` as BLS calls (or to ViT servers over gRPC: vlmserve.vit.pool); the engine's settings are
+`vlm/1/engine.json`.
 """
 
 import locale
@@ -16,6 +17,7 @@ from vlmserve.engine.metrics import EngineMetrics
 from vlmserve.service import VlmService
 from vlmserve.triton_utils import (FINAL, TritonStream, bls_infer, model_parameters, optional_input, required_input,
                                    triton_error)
+from vlmserve.vit.pool_metrics import VitPoolMetrics
 from vlmserve.vlm_settings import VlmSettings
 
 
@@ -27,6 +29,8 @@ class TritonPythonModel:
         engine_config = EngineConfig.read(Path(args["model_repository"]) / args["model_version"])
         self.service = VlmService(VlmSettings.from_parameters(params), params, engine_config, bls_infer)
         self.metrics = EngineMetrics(self.service.engine, lambda: self.service.active_requests)
+        pool = self.service.vit_pool
+        self.pool_metrics = None if pool is None else VitPoolMetrics(pool)
 
     def execute(self, requests):
         for request in requests:
@@ -41,4 +45,6 @@ class TritonPythonModel:
 
     def finalize(self):
         self.metrics.stop()
+        if self.pool_metrics is not None:
+            self.pool_metrics.stop()
         self.service.shutdown()

@@ -1,0 +1,228 @@
+"""ViT servers over gRPC: an LLM host with no `preprocess` or `vit` of its own sends its media to two ViT-role
+tritonservers (vlmserve.vit.pool). Answers match the one-host stack's, both servers get work, and losing
+servers costs at most a 503 with Retry-After."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from export.repository_options import VIT_SERVER
+from tests.conftest import running_stack
+from tests.test_end_to_end import mp4_bytes, png_bytes
+from vlmserve.errors import Unavailable
+from vlmserve.media.settings import MediumOptions
+from vlmserve.media.vision import Medium, options_inputs
+from vlmserve.vit.pool import VitPool
+
+pytestmark = pytest.mark.timeout(900)
+
+MAX_TOKENS = 12
+
+
+class VitServers:
+    """Two ViT-role stacks (tritonserver with `preprocess`, `vit` and `encode`; no proxy) on loopback. A stack
+    that was stopped stays stopped: `replace` starts a new one on the same ports and repository."""
+
+    def __init__(self, checkpoint: Path, workdirs: list[Path]) -> None:
+        from launcher.deployment import prepare_cpu_repository
+        from launcher.triton_server import TritonPorts
+
+        self.places = [(prepare_cpu_repository(checkpoint, workdir, role=VIT_SERVER), workdir, TritonPorts.free())
+                       for workdir in workdirs]
+        self.stacks = [self._stack(i) for i in range(len(workdirs))]
+
+    def _stack(self, i: int):
+        from launcher.deployment import Stack
+
+        repository, workdir, ports = self.places[i]
+        return Stack.create(repository, workdir, ports, None)
+
+    def replace(self, i: int) -> None:
+        self.stacks[i] = self._stack(i)
+        self.stacks[i].start()
+
+    def __getitem__(self, i: int):
+        return self.stacks[i]
+
+    def __iter__(self):
+        return iter(self.stacks)
+
+
+@pytest.fixture(scope="module")
+def vit_servers(tiny_checkpoint, tmp_path_factory):
+    servers = VitServers(tiny_checkpoint, [tmp_path_factory.mktemp(f"vit-{i}") for i in range(2)])
+    try:
+        for server in servers:
+            server.start()
+        yield servers
+    finally:
+        for server in servers:
+            server.stop()
+
+
+@pytest.fixture(scope="module")
+def llm_host(tiny_checkpoint, tmp_path_factory, vit_servers):
+    endpoints = ",".join(server.triton.grpc_url for server in vit_servers)
+    with running_stack(tiny_checkpoint, tmp_path_factory.mktemp("llm-host"), vit_endpoints=endpoints) as running:
+        yield running
+
+
+def openai_client(stack) -> openai.OpenAI:
+    return openai.OpenAI(base_url=stack.proxy.base_url, api_key="unused", max_retries=0, timeout=120)
+
+
+def answer(stack, content: list[dict]) -> str:
+    response = openai_client(stack).chat.completions.create(
+        model="tiny-qwen2-vl", messages=[{"role": "user", "content": content}], max_tokens=MAX_TOKENS, temperature=0)
+    return response.choices[0].message.content
+
+
+def calls(stack, endpoint: str) -> float:
+    """The LLM host's count of encode calls sent to ``endpoint``."""
+    body = httpx.get(stack.triton.metrics_url, timeout=10).text
+    match = re.search(rf'^vlm_vit_endpoint_calls_total{{endpoint="{re.escape(endpoint)}"}} ([0-9.e+]+)$', body,
+                      re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def image(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+def test_with_no_endpoint_reachable_a_call_is_unavailable_at_once():
+    from launcher.processes import free_ports
+
+    async def call() -> None:
+        pool = VitPool([f"127.0.0.1:{port}" for port in free_ports(2)])
+        try:
+            with pytest.raises(Unavailable, match="no ViT server"):
+                await pool.encode(options_inputs(Medium(MediumOptions("image"), png_bytes(28, 28, seed=1))))
+            assert [e.healthy for e in pool.endpoints] == [False, False]
+            assert [e.stats.failures for e in pool.endpoints] == [1, 1], "tried once on each"
+        finally:
+            await pool.close()
+
+    started = time.monotonic()
+    asyncio.run(call())
+    assert time.monotonic() - started < 10
+
+
+def test_layout_the_llm_host_has_no_vision_models_and_a_vit_server_no_engine(llm_host, vit_servers):
+    assert sorted(p.name for p in llm_host.triton.model_repository.iterdir()) == ["vit_cache", "vlm"]
+    assert sorted(p.name for p in vit_servers[0].triton.model_repository.iterdir()) == ["encode", "preprocess", "vit"]
+
+
+def test_two_images_and_a_video_answer_as_on_one_host_and_both_servers_work(llm_host, vit_servers, stack,
+                                                                           media_server):
+    before = [calls(llm_host, s.triton.grpc_url) for s in vit_servers]
+    two_images = [{"type": "text", "text": "Compare."},
+                  image(media_server.add("pool-a.png", png_bytes(112, 84, seed=301))),
+                  image(media_server.add("pool-b.png", png_bytes(70, 140, seed=302)))]
+    video = [{"type": "text", "text": "What happens?"},
+             {"type": "video_url", "video_url": {"url": media_server.add("pool.mp4", mp4_bytes(frames=8))}}]
+    for content in (two_images, video):
+        assert answer(llm_host, content) == answer(stack, content)
+    time.sleep(1)  # the metrics go out every half second
+    after = [calls(llm_host, s.triton.grpc_url) for s in vit_servers]
+    assert all(a > b for a, b in zip(after, before)), f"both ViT servers get calls: {before} -> {after}"
+
+
+class ImageTraffic:
+    """Threads sending image chats (a new image each) to the LLM host until stopped; results by status."""
+
+    def __init__(self, stack, media_server, threads: int = 3) -> None:
+        self.stack, self.media_server = stack, media_server
+        self.statuses: list[int | str] = []
+        self._stop = threading.Event()
+        self._count = 0
+        self._lock = threading.Lock()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> ImageTraffic:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            with self._lock:
+                self._count += 1
+                n = self._count
+            url = self.media_server.add(f"traffic-{n}.png", png_bytes(56 + 28 * (n % 3), 56, seed=1000 + n))
+            try:
+                answer(self.stack, [{"type": "text", "text": "Describe."}, image(url)])
+                self.statuses.append(200)
+            except openai.APIStatusError as exc:
+                self.statuses.append(exc.status_code)
+            except Exception as exc:  # a transport failure: counted, never expected
+                self.statuses.append(repr(exc))
+
+
+def wait_until(condition, timeout_s: float) -> float:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.2)
+    return time.monotonic()
+
+
+def ready(server) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{server.triton.ports.http}/v2/models/encode/ready",
+                         timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_a_killed_vit_server_costs_no_request_and_gets_calls_again_once_back(llm_host, vit_servers, media_server):
+    victim, survivor = vit_servers
+    with ImageTraffic(llm_host, media_server) as traffic:
+        wait_until(lambda: len(traffic.statuses) >= 3, 120)
+        os.kill(victim.triton.process.pid, signal.SIGKILL)  # its supervisor starts it again
+        wait_until(lambda: not ready(victim), 10)
+        served = len(traffic.statuses)
+        back = wait_until(lambda: ready(victim), 120)
+        before = calls(llm_host, victim.triton.grpc_url)
+        again = wait_until(lambda: calls(llm_host, victim.triton.grpc_url) > before, 30)
+        wait_until(lambda: len(traffic.statuses) >= served + 3, 120)
+    assert again - back < 10, f"the restarted server got calls {again - back:.1f} s after it was ready"
+    assert set(traffic.statuses) == {200}, traffic.statuses
+
+
+def test_with_no_vit_server_images_get_503_text_still_works_and_images_come_back(llm_host, vit_servers,
+                                                                                 media_server):
+    for server in vit_servers:
+        server.stop()
+    try:
+        url = media_server.add("pool-down.png", png_bytes(56, 56, seed=401))
+        with pytest.raises(openai.APIStatusError) as raised:
+            answer(llm_host, [{"type": "text", "text": "Describe."}, image(url)])
+        assert raised.value.status_code == 503 and raised.value.response.headers.get("retry-after")
+        assert answer(llm_host, [{"type": "text", "text": "Hello"}])
+    finally:
+        vit_servers.replace(1)
+    url = media_server.add("pool-back.png", png_bytes(56, 84, seed=402))
+    deadline = time.monotonic() + 30
+    while True:  # back within the health check's interval of the server's readiness
+        try:
+            assert answer(llm_host, [{"type": "text", "text": "Describe."}, image(url)])
+            break
+        except openai.APIStatusError as exc:
+            assert exc.status_code == 503 and time.monotonic() < deadline
+            time.sleep(0.5)
+    vit_servers.replace(0)
