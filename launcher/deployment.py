@@ -10,12 +10,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.generate_repository import RepositoryOptions, generate_repository
+from export.generate_repository import RepositoryOptions, generate_repository, hosted_models
 from export.vision_onnx import export_vision_onnx
 from launcher.lifecycle import Deployment
 from launcher.progress import Report, silent
 from launcher.processes import OWN_GROUP, TRITON_STOP_S, listening_socket, open_log, stop_process, wait_healthy
 from launcher.supervisor import Supervisor
+from vlmserve.contracts import VIT
 from launcher.triton_server import (LOAD_TIMEOUT_S, REPO_ROOT, ServerExited, TritonPorts, TritonServer,
                                    triton_environment)
 
@@ -29,10 +30,12 @@ def cpu_repository_options(checkpoint: Path, workdir: Path, **options) -> Reposi
 
 
 def write_cpu_repository(opts: RepositoryOptions, report: Report = silent) -> Path:
-    """Export the vision tower to `opts.vit_onnx` (once per checkpoint) and write the CPU model repository."""
+    """Export the vision tower to `opts.vit_onnx` (once per checkpoint, where this host runs it) and write the CPU
+    model repository."""
     onnx_path = opts.vit_onnx
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    if not onnx_path.exists() or onnx_path.stat().st_mtime < (opts.checkpoint / "config.json").stat().st_mtime:
+    stale = not onnx_path.exists() or onnx_path.stat().st_mtime < (opts.checkpoint / "config.json").stat().st_mtime
+    if VIT.NAME in hosted_models(opts) and stale:
         report(f"exporting the vision tower to {onnx_path}")
         export_vision_onnx(opts.checkpoint, onnx_path, report=report)
         report("vision tower exported and checked")

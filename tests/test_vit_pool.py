@@ -22,6 +22,7 @@ from tests.test_end_to_end import mp4_bytes, png_bytes
 from vlmserve.errors import Unavailable
 from vlmserve.media.settings import MediumOptions
 from vlmserve.media.vision import Medium, options_inputs
+from vlmserve.vit import pool as pool_module
 from vlmserve.vit.pool import VitPool
 
 pytestmark = pytest.mark.timeout(900)
@@ -117,8 +118,29 @@ def test_with_no_endpoint_reachable_a_call_is_unavailable_at_once():
     assert time.monotonic() - started < 10
 
 
+def test_a_name_with_several_addresses_stands_for_each_and_is_followed(monkeypatch):
+    answers = {"vit:8001": ["10.0.0.1:8001", "10.0.0.2:8001"], "localhost:9001": ["127.0.0.1:9001"]}
+    monkeypatch.setattr(pool_module, "_addresses", lambda name: asyncio.sleep(0, answers[name]))
+
+    async def follow() -> list[list[str]]:
+        pool = VitPool(["vit:8001", "localhost:9001"])
+        seen = []
+        for change in ({}, {"vit:8001": ["10.0.0.2:8001", "10.0.0.3:8001"]}, {"vit:8001": None}):
+            answers.update(change)
+            await pool._resolve()
+            seen.append([(e.url, e.name) for e in pool.endpoints])
+        return seen
+
+    first, scaled, lookup_failed = asyncio.run(follow())
+    local = ("localhost:9001", "localhost:9001")
+    assert first == [("10.0.0.1:8001", "vit:8001"), ("10.0.0.2:8001", "vit:8001"), local]
+    assert scaled == [("10.0.0.2:8001", "vit:8001"), ("10.0.0.3:8001", "vit:8001"), local]
+    assert lookup_failed == scaled, "a failed lookup keeps the endpoints it had"
+
+
 def test_layout_the_llm_host_has_no_vision_models_and_a_vit_server_no_engine(llm_host, vit_servers):
     assert sorted(p.name for p in llm_host.triton.model_repository.iterdir()) == ["vit_cache", "vlm"]
+    assert not (llm_host.triton.model_repository.parent / "vit.onnx").exists(), "no vision tower exported there"
     assert sorted(p.name for p in vit_servers[0].triton.model_repository.iterdir()) == ["encode", "preprocess", "vit"]
 
 

@@ -1,5 +1,8 @@
 """A pool of ViT servers (tritonservers hosting the `encode` model) that the LLM host calls over gRPC.
 
+An endpoint named by a host name that resolves to several addresses (a Kubernetes headless Service, a
+compose service run with --scale) stands for each of them: the names are resolved again every
+RESOLVE_INTERVAL_S, so servers added or removed behind a name gain or lose their share of the calls.
 Each call goes to the healthy endpoint with the fewest calls outstanding. A call that fails because its
 endpoint went away (unreachable, stopping, its model not ready or its process dead) marks the endpoint down
 and is retried once on another; an endpoint that is down gets no calls until its health check (Triton's
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -37,11 +41,14 @@ class EndpointStats:
     failures: int = 0
     in_flight: int = 0
     latency_s: float = 0.0  # summed over the calls that returned (answered or failed)
+    sent_bytes: int = 0  # tensor bytes of the requests: the media and their options
+    received_bytes: int = 0  # tensor bytes of the answers: the grids and embeddings
 
 
 @dataclass
 class Endpoint:
     url: str  # host:port of the server's gRPC endpoint
+    name: str  # the --vit-endpoints entry it came from (the url itself, or a name that resolves to several)
     healthy: bool = True
     stats: EndpointStats = field(default_factory=EndpointStats)
     _client: grpcclient.InferenceServerClient | None = None
@@ -52,9 +59,31 @@ class Endpoint:
             self._client = grpcclient.InferenceServerClient(self.url)
         return self._client
 
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+
 
 class _EndpointGone(Exception):
     pass
+
+
+def _tensor_bytes(value: np.ndarray) -> int:
+    if value.dtype == np.object_:  # BYTES elements: their own lengths
+        return sum(len(element) for element in value.reshape(-1))
+    return value.nbytes
+
+
+async def _addresses(name: str) -> list[str] | None:
+    """The host:port of every address `name` (host:port) resolves to, its IPv4 ones where it has any (so that
+    `localhost` is one server, not two); None when the lookup fails."""
+    host, _, port = name.rpartition(":")
+    try:
+        infos = await asyncio.get_running_loop().getaddrinfo(host.strip("[]"), int(port), type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    ips = sorted({info[4][0] for info in infos if info[0] == socket.AF_INET}) or sorted({info[4][0] for info in infos})
+    return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips]
 
 
 def parse_endpoints(text: str) -> list[str]:
@@ -69,17 +98,23 @@ def parse_endpoints(text: str) -> list[str]:
 
 class VitPool:
     HEALTH_INTERVAL_S = 1.0
+    RESOLVE_INTERVAL_S = 10.0
     CALL_TIMEOUT_S = 300.0  # a server that hangs this long counts as gone
 
     def __init__(self, urls: list[str]) -> None:
         if not urls:
             raise ValueError("a ViT pool needs at least one endpoint")
-        self.endpoints = [Endpoint(url) for url in urls]
+        self.names = urls
+        self.endpoints = [Endpoint(url, url) for url in urls]
         self._health_task: asyncio.Task | None = None
+        self._resolved: asyncio.Event | None = None
 
     async def encode(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One `encode` call (inputs by name) -> its outputs by name, on the least loaded healthy endpoint."""
-        self._watch_health()
+        if self._health_task is None or self._health_task.done():  # the first call: watch the servers from now
+            self._resolved = asyncio.Event()
+            self._health_task = asyncio.get_running_loop().create_task(self._watch(self._resolved))
+        await self._resolved.wait()
         tried: list[Endpoint] = []
         for _ in range(2):  # the first endpoint, and once more on another if that one went away
             candidates = [e for e in self.endpoints if e.healthy and e not in tried]
@@ -105,6 +140,7 @@ class VitPool:
         outputs = [grpcclient.InferRequestedOutput(spec.name) for spec in ENCODE.outputs]
         stats = endpoint.stats
         stats.calls += 1
+        stats.sent_bytes += sum(map(_tensor_bytes, inputs.values()))
         stats.in_flight += 1
         started = time.monotonic()
         try:
@@ -122,16 +158,40 @@ class VitPool:
         finally:
             stats.in_flight -= 1
             stats.latency_s += time.monotonic() - started
-        return {spec.name: result.as_numpy(spec.name) for spec in ENCODE.outputs}
+        outputs = {spec.name: result.as_numpy(spec.name) for spec in ENCODE.outputs}
+        stats.received_bytes += sum(map(_tensor_bytes, outputs.values()))
+        return outputs
 
-    def _watch_health(self) -> None:
-        if self._health_task is None or self._health_task.done():
-            self._health_task = asyncio.get_running_loop().create_task(self._check_health())
+    async def _resolve(self) -> None:
+        """The endpoints behind the names: a name with several addresses stands for each; one whose lookup
+        fails keeps what it had."""
+        found: dict[str, str] = {}  # url -> the name it came from
+        for name in self.names:
+            addresses = await _addresses(name)
+            if addresses is None:  # the lookup failed: keep this name's endpoints as they are
+                found.update((e.url, name) for e in self.endpoints if e.name == name)
+            elif len(addresses) > 1:
+                found.update((address, name) for address in addresses)
+            else:
+                found[name] = name
+        known = {e.url: e for e in self.endpoints}
+        self.endpoints = [known.pop(url, None) or Endpoint(url, name) for url, name in found.items()]
+        for gone in known.values():  # calls in flight there finish on their own
+            await gone.close()
 
-    async def _check_health(self) -> None:
-        """Bring back every endpoint that is down once its `encode` model is ready again."""
+    async def _watch(self, resolved: asyncio.Event) -> None:
+        """Resolve the names (`resolved` is set then), and from then on bring back every endpoint that is down
+        once its `encode` model is ready again, and follow the names."""
+        try:
+            await self._resolve()
+        finally:
+            resolved.set()
+        resolved_at = time.monotonic()
         while True:
             await asyncio.sleep(self.HEALTH_INTERVAL_S)
+            if time.monotonic() - resolved_at >= self.RESOLVE_INTERVAL_S:
+                await self._resolve()
+                resolved_at = time.monotonic()
             for endpoint in self.endpoints:
                 if not endpoint.healthy and await self._ready(endpoint):
                     logger.warning("ViT server %s is ready again", endpoint.url)
@@ -147,5 +207,4 @@ class VitPool:
         if self._health_task is not None:
             self._health_task.cancel()
         for endpoint in self.endpoints:
-            if endpoint._client is not None:
-                await endpoint._client.close()
+            await endpoint.close()
