@@ -32,7 +32,7 @@ from export.repository_options import (DEFAULT_CPU_KV_CACHE_BYTES, DEFAULT_GPU_M
                                        ROLES, VIT_SERVER, RepositoryOptions, add_repository_arguments,
                                        repository_options)
 from vlmserve.media.settings import capped_max_pixels
-from vlmserve.vit.pool import parse_endpoints
+from vlmserve.vit.pool import LOCAL, parse_endpoints
 from vlmserve.vit.settings import EncodeSettings, VitCacheSettings, VitRunnerSettings
 from vlmserve.vlm_settings import VlmSettings
 from vlmserve.vit.packing import CPU_MAX_PATCHES_PER_CALL, MAX_PATCHES_PER_CALL
@@ -178,10 +178,13 @@ CONFIGS = {PREPROCESS.NAME: preprocess_config, VIT.NAME: vit_config, VIT_CACHE.N
 def hosted_models(opts: RepositoryOptions) -> list[str]:
     """The models of the repository for `opts`: by its role, without the cache when it is off and without the
     vision models where ViT servers do that work."""
+    vision = [PREPROCESS.NAME, VIT.NAME]
     if opts.role == VIT_SERVER:
-        return [PREPROCESS.NAME, VIT.NAME, ENCODE.NAME]
-    models = [VLM.NAME] if opts.vit_endpoints else [PREPROCESS.NAME, VIT.NAME, VLM.NAME]
-    return models + ([VIT_CACHE.NAME] if opts.vit_cache_mb > 0 else [])
+        return vision + [ENCODE.NAME]
+    endpoints = parse_endpoints(opts.vit_endpoints)
+    if endpoints:  # ViT servers do the vision work, this host too where it is one of them (`local`)
+        vision = vision + [ENCODE.NAME] if LOCAL in endpoints else []
+    return vision + [VLM.NAME] + ([VIT_CACHE.NAME] if opts.vit_cache_mb > 0 else [])
 
 
 def check_vit_profile(opts: RepositoryOptions) -> None:

@@ -49,7 +49,8 @@ class RepositoryOptions:
     out: Path
     target: str = "cpu"
     role: str = "all"
-    vit_endpoints: str = ""  # host:port,... of ViT servers; set: this host runs no `preprocess` and `vit`
+    vit_endpoints: str = ""  # host:port,... of ViT servers; set: this host runs no `preprocess` and `vit` (unless
+    # the list names `local`)
     vit_onnx: Path | None = None
     vit_engine: Path | None = None
     gpus: list[int] = field(default_factory=lambda: [0])
@@ -128,7 +129,8 @@ def add_repository_arguments(parser: argparse.ArgumentParser, gpu: bool) -> None
                              "reached over gRPC by LLM hosts started with --vit-endpoints)")
     vision.add_argument("--vit-endpoints", default=d.vit_endpoints,
                         help="gRPC host:port of ViT servers, comma-separated: images and videos are encoded "
-                             "there (the least busy first) instead of on this host")
+                             "there (the least busy first) instead of on this host; 'local' in the list: on this "
+                             "host too")
     if gpu:
         vision.add_argument("--vit-engine", type=Path, help="the TensorRT plan of the gpu target")
         vision.add_argument("--gpus", default="0", help="comma-separated GPU ids; one ViT instance group per GPU")

@@ -139,6 +139,9 @@ def test_a_vit_server_hosts_the_vision_side_and_an_llm_host_that_uses_one_does_n
     params = re.findall(r'key: "(\w+)" value: \{ string_value: "([^"]*)" \}', vlm_config)
     assert VlmSettings.from_parameters(dict(params)).vit_endpoints == "vit-0:8001,vit-1:8001"
 
+    both = generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "both", vit_onnx=onnx,
+                                                 vit_endpoints="local,vit-0:8001"))
+    assert sorted(p.name for p in both.iterdir()) == ["encode", "preprocess", "vit", "vit_cache", "vlm"]
     with pytest.raises(ValueError, match="host:port"):
         generate_repository(RepositoryOptions(checkpoint=tmp_path, out=tmp_path / "bad", vit_endpoints="vit-0"))
     with pytest.raises(ValueError, match="no --vit-endpoints"):

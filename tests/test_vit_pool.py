@@ -13,13 +13,14 @@ import time
 from pathlib import Path
 
 import httpx
+import numpy as np
 import openai
 import pytest
 
 from export.repository_options import VIT_SERVER
 from tests.conftest import running_stack
 from tests.test_end_to_end import mp4_bytes, png_bytes
-from vlmserve.errors import Unavailable
+from vlmserve.errors import InvalidRequest, Unavailable
 from vlmserve.media.settings import MediumOptions
 from vlmserve.media.vision import Medium, options_inputs
 from vlmserve.vit import pool as pool_module
@@ -118,6 +119,49 @@ def test_with_no_endpoint_reachable_a_call_is_unavailable_at_once():
     assert time.monotonic() - started < 10
 
 
+class FakeLocalEncode:
+    """This server's own `encode` model as the BLS `infer` reaches it: it answers, or its process is dead."""
+
+    def __init__(self) -> None:
+        self.alive, self.calls = True, 0
+
+    async def __call__(self, model, inputs, outputs):
+        self.calls += 1
+        if not self.alive:
+            raise RuntimeError(f"{model}: Failed to process the request(s), Stub process 'encode_0_0' is not healthy.")
+        if not inputs["MEDIA"][0]:
+            raise InvalidRequest("image data is empty")
+        return {"GRID_THW": np.asarray([1, 2, 2]), "EMBEDS": np.zeros((1, 8), np.float32)}
+
+
+def test_the_local_endpoint_takes_its_share_is_left_out_while_dead_and_comes_back():
+    from launcher.processes import free_ports
+
+    local = FakeLocalEncode()
+    medium = options_inputs(Medium(MediumOptions("image"), png_bytes(28, 28, seed=2)))
+
+    async def run() -> None:
+        pool = VitPool(["local", f"127.0.0.1:{free_ports(1)[0]}"], local=local)
+        pool.HEALTH_INTERVAL_S = 0.1
+        try:
+            out = await pool.encode(medium)
+            assert out["GRID_THW"].tolist() == [1, 2, 2] and local.calls == 1
+            local.alive = False
+            with pytest.raises(Unavailable):  # the local model's process is dead, the other server refused
+                await pool.encode(medium)
+            assert [e.healthy for e in pool.endpoints] == [False, False]
+            local.alive = True
+            deadline = time.monotonic() + 5
+            while not pool.endpoints[0].healthy:  # its health check: an empty image, refused by the model's code
+                assert time.monotonic() < deadline
+                await asyncio.sleep(0.05)
+            assert (await pool.encode(medium))["EMBEDS"].shape == (1, 8)
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+
+
 def test_a_name_with_several_addresses_stands_for_each_and_is_followed(monkeypatch):
     answers = {"vit:8001": ["10.0.0.1:8001", "10.0.0.2:8001"], "localhost:9001": ["127.0.0.1:9001"]}
     monkeypatch.setattr(pool_module, "_addresses", lambda name: asyncio.sleep(0, answers[name]))
@@ -157,6 +201,20 @@ def test_two_images_and_a_video_answer_as_on_one_host_and_both_servers_work(llm_
     time.sleep(1)  # the metrics go out every half second
     after = [calls(llm_host, s.triton.grpc_url) for s in vit_servers]
     assert all(a > b for a, b in zip(after, before)), f"both ViT servers get calls: {before} -> {after}"
+
+
+def test_an_llm_host_that_is_one_of_its_vit_servers(tiny_checkpoint, tmp_path, vit_servers, stack, media_server):
+    """`local` in the list: the host's own `encode` model takes its share beside a ViT server."""
+    remote = vit_servers[0].triton.grpc_url
+    with running_stack(tiny_checkpoint, tmp_path, vit_endpoints=f"local,{remote}") as host:
+        assert sorted(p.name for p in host.triton.model_repository.iterdir()) == [
+            "encode", "preprocess", "vit", "vit_cache", "vlm"]
+        content = [{"type": "text", "text": "Compare."},
+                   image(media_server.add("mixed-a.png", png_bytes(84, 84, seed=311))),
+                   image(media_server.add("mixed-b.png", png_bytes(56, 112, seed=312)))]
+        assert answer(host, content) == answer(stack, content)
+        time.sleep(1)
+        assert calls(host, "local") == 1 and calls(host, remote) == 1
 
 
 class ImageTraffic:

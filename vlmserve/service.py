@@ -45,7 +45,8 @@ class VlmService:
         tokenizer = AutoTokenizer.from_pretrained(settings.checkpoint_dir)
         self.token_bytes = TokenBytes(tokenizer)
         # ViT servers to send the media to, when the vision side runs on hosts of its own.
-        self.vit_pool = VitPool(parse_endpoints(settings.vit_endpoints)) if settings.vit_endpoints else None
+        self.vit_pool = (VitPool(parse_endpoints(settings.vit_endpoints), local=infer) if settings.vit_endpoints
+                         else None)
         make_inputs = InputProcessor.loader(settings, params, infer, tokenizer, self.vit_pool)
         self.engine = engine.result()
         lower_priority(settings.frontend_niceness)  # the engine's processes, started by now, keep theirs

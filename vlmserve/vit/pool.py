@@ -1,4 +1,5 @@
-"""A pool of ViT servers (tritonservers hosting the `encode` model) that the LLM host calls over gRPC.
+"""A pool of ViT servers (tritonservers hosting the `encode` model) that the LLM host calls over gRPC, and
+optionally the LLM host's own `encode` model (the endpoint `local`, reached through BLS).
 
 An endpoint named by a host name that resolves to several addresses (a Kubernetes headless Service, a
 compose service run with --scale) stands for each of them: the names are resolved again every
@@ -6,7 +7,8 @@ RESOLVE_INTERVAL_S, so servers added or removed behind a name gain or lose their
 Each call goes to the healthy endpoint with the fewest calls outstanding. A call that fails because its
 endpoint went away (unreachable, stopping, its model not ready or its process dead) marks the endpoint down
 and is retried once on another; an endpoint that is down gets no calls until its health check (Triton's
-model readiness, every HEALTH_INTERVAL_S) passes again. With no endpoint left a call raises Unavailable,
+model readiness; for `local`, an empty image its `encode` model must refuse) passes again, every
+HEALTH_INTERVAL_S. With no endpoint left a call raises Unavailable,
 which the proxy answers with 503 and Retry-After. Any other failure is the request's own: an InvalidRequest
 (bad media) or an error, not retried.
 """
@@ -27,6 +29,8 @@ from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from vlmserve.contracts import ENCODE, invalid_request_message, is_unavailable_message
 from vlmserve.errors import InvalidRequest, Unavailable
+from vlmserve.media.settings import MediumOptions
+from vlmserve.media.vision import Infer, Medium, options_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +49,14 @@ class EndpointStats:
     received_bytes: int = 0  # tensor bytes of the answers: the grids and embeddings
 
 
-@dataclass
+class _EndpointGone(Exception):
+    pass
+
+
+@dataclass(eq=False)
 class Endpoint:
+    """A ViT server reached over gRPC."""
+
     url: str  # host:port of the server's gRPC endpoint
     name: str  # the --vit-endpoints entry it came from (the url itself, or a name that resolves to several)
     healthy: bool = True
@@ -59,13 +69,64 @@ class Endpoint:
             self._client = grpcclient.InferenceServerClient(self.url)
         return self._client
 
+    async def infer(self, inputs: Mapping[str, np.ndarray], timeout_s: float) -> dict[str, np.ndarray]:
+        """One `encode` call; _EndpointGone when the server went away, InvalidRequest for bad media."""
+        request = []
+        for name, value in inputs.items():
+            tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
+            tensor.set_data_from_numpy(value)
+            request.append(tensor)
+        outputs = [grpcclient.InferRequestedOutput(spec.name) for spec in ENCODE.outputs]
+        try:
+            result = await self.client.infer(ENCODE.NAME, request, outputs=outputs, client_timeout=timeout_s)
+        except InferenceServerException as exc:
+            message = exc.message() or str(exc)
+            user_message = invalid_request_message(message)
+            if user_message is not None:
+                raise InvalidRequest(user_message) from None
+            if exc.status() in _GONE_STATUSES or is_unavailable_message(message):
+                raise _EndpointGone(message) from None
+            raise RuntimeError(f"ViT server {self.url}: {message}") from None
+        return {spec.name: result.as_numpy(spec.name) for spec in ENCODE.outputs}
+
+    async def ready(self, timeout_s: float) -> bool:
+        try:
+            return await self.client.is_model_ready(ENCODE.NAME, client_timeout=timeout_s)
+        except InferenceServerException:
+            return False
+
     async def close(self) -> None:
         if self._client is not None:
             await self._client.close()
 
 
-class _EndpointGone(Exception):
-    pass
+@dataclass(eq=False)
+class LocalEndpoint(Endpoint):
+    """This tritonserver's own `encode` model, reached through BLS (`infer`)."""
+
+    local_infer: Infer | None = None
+
+    async def infer(self, inputs: Mapping[str, np.ndarray], timeout_s: float) -> dict[str, np.ndarray]:
+        try:
+            return await self.local_infer(ENCODE.NAME, inputs, [spec.name for spec in ENCODE.outputs])
+        except RuntimeError as exc:  # raise_for_error's; InvalidRequest passes as it is
+            if is_unavailable_message(str(exc)):
+                raise _EndpointGone(str(exc)) from None
+            raise
+
+    async def ready(self, timeout_s: float) -> bool:
+        """Whether the model answers at all: an empty image must come back refused by its own code."""
+        try:
+            await self.local_infer(ENCODE.NAME, options_inputs(Medium(MediumOptions("image"), b"")),
+                                   [ENCODE.GRID_THW.name])
+        except InvalidRequest:
+            return True
+        except Exception:
+            return False
+        return False
+
+    async def close(self) -> None:
+        pass
 
 
 def _tensor_bytes(value: np.ndarray) -> int:
@@ -86,13 +147,17 @@ async def _addresses(name: str) -> list[str] | None:
     return [f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}" for ip in ips]
 
 
+# The endpoint that stands for this tritonserver's own `encode` model.
+LOCAL = "local"
+
+
 def parse_endpoints(text: str) -> list[str]:
-    """`host:port,host:port` -> the list; ValueError for an entry that is not host:port."""
+    """`host:port,host:port` (and `local`) -> the list; ValueError for an entry that is neither."""
     urls = [url.strip() for url in text.split(",") if url.strip()]
     for url in urls:
         host, _, port = url.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"a ViT endpoint is host:port, got {url!r}")
+        if url != LOCAL and (not host or not port.isdigit()):
+            raise ValueError(f"a ViT endpoint is host:port or {LOCAL}, got {url!r}")
     return urls
 
 
@@ -101,11 +166,15 @@ class VitPool:
     RESOLVE_INTERVAL_S = 10.0
     CALL_TIMEOUT_S = 300.0  # a server that hangs this long counts as gone
 
-    def __init__(self, urls: list[str]) -> None:
+    def __init__(self, urls: list[str], local: Infer | None = None) -> None:
+        """``local``: how this tritonserver's own models are called, for the endpoint `local`."""
         if not urls:
             raise ValueError("a ViT pool needs at least one endpoint")
+        if LOCAL in urls and local is None:
+            raise ValueError(f"the endpoint {LOCAL} needs a way to call the local models")
         self.names = urls
-        self.endpoints = [Endpoint(url, url) for url in urls]
+        self.local = local
+        self.endpoints = [self._endpoint(url, url) for url in urls]
         self._health_task: asyncio.Task | None = None
         self._resolved: asyncio.Event | None = None
 
@@ -132,42 +201,31 @@ class VitPool:
                           (f" ({', '.join(e.url for e in tried)} went away)" if tried else ""))
 
     async def _call(self, endpoint: Endpoint, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        request = []
-        for name, value in inputs.items():
-            tensor = grpcclient.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
-            tensor.set_data_from_numpy(value)
-            request.append(tensor)
-        outputs = [grpcclient.InferRequestedOutput(spec.name) for spec in ENCODE.outputs]
         stats = endpoint.stats
         stats.calls += 1
         stats.sent_bytes += sum(map(_tensor_bytes, inputs.values()))
         stats.in_flight += 1
         started = time.monotonic()
         try:
-            result = await endpoint.client.infer(ENCODE.NAME, request, outputs=outputs,
-                                                 client_timeout=self.CALL_TIMEOUT_S)
-        except InferenceServerException as exc:
+            outputs = await endpoint.infer(inputs, self.CALL_TIMEOUT_S)
+        except Exception:
             stats.failures += 1
-            message = exc.message() or str(exc)
-            user_message = invalid_request_message(message)
-            if user_message is not None:
-                raise InvalidRequest(user_message) from None
-            if exc.status() in _GONE_STATUSES or is_unavailable_message(message):
-                raise _EndpointGone(message) from None
-            raise RuntimeError(f"ViT server {endpoint.url}: {message}") from None
+            raise
         finally:
             stats.in_flight -= 1
             stats.latency_s += time.monotonic() - started
-        outputs = {spec.name: result.as_numpy(spec.name) for spec in ENCODE.outputs}
         stats.received_bytes += sum(map(_tensor_bytes, outputs.values()))
         return outputs
+
+    def _endpoint(self, url: str, name: str) -> Endpoint:
+        return LocalEndpoint(url, name, local_infer=self.local) if url == LOCAL else Endpoint(url, name)
 
     async def _resolve(self) -> None:
         """The endpoints behind the names: a name with several addresses stands for each; one whose lookup
         fails keeps what it had."""
         found: dict[str, str] = {}  # url -> the name it came from
         for name in self.names:
-            addresses = await _addresses(name)
+            addresses = [name] if name == LOCAL else await _addresses(name)
             if addresses is None:  # the lookup failed: keep this name's endpoints as they are
                 found.update((e.url, name) for e in self.endpoints if e.name == name)
             elif len(addresses) > 1:
@@ -175,7 +233,7 @@ class VitPool:
             else:
                 found[name] = name
         known = {e.url: e for e in self.endpoints}
-        self.endpoints = [known.pop(url, None) or Endpoint(url, name) for url, name in found.items()]
+        self.endpoints = [known.pop(url, None) or self._endpoint(url, name) for url, name in found.items()]
         for gone in known.values():  # calls in flight there finish on their own
             await gone.close()
 
@@ -193,15 +251,9 @@ class VitPool:
                 await self._resolve()
                 resolved_at = time.monotonic()
             for endpoint in self.endpoints:
-                if not endpoint.healthy and await self._ready(endpoint):
+                if not endpoint.healthy and await endpoint.ready(self.HEALTH_INTERVAL_S):
                     logger.warning("ViT server %s is ready again", endpoint.url)
                     endpoint.healthy = True
-
-    async def _ready(self, endpoint: Endpoint) -> bool:
-        try:
-            return await endpoint.client.is_model_ready(ENCODE.NAME, client_timeout=self.HEALTH_INTERVAL_S)
-        except InferenceServerException:
-            return False
 
     async def close(self) -> None:
         if self._health_task is not None:
