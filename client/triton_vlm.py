@@ -16,7 +16,7 @@ import numpy as np
 import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from vlmserve.contracts import VLM, invalid_request_message, is_unavailable_message
+from vlmserve.contracts import VLM, invalid_request_message, is_unavailable_message, unavailable_reason
 from vlmserve.model_parameters import config_parameters
 from vlmserve.vlm_settings import VlmSettings
 
@@ -31,7 +31,12 @@ class InvalidRequestError(TritonError):
 
 class UnavailableError(TritonError):
     """A model, or the server, is down or coming back (a backend process died and is being reloaded, the
-    server restarts or stops): the same request may succeed later."""
+    server restarts or stops), or a part the model needs is (no ViT server answers): the same request may
+    succeed later. `reason`: the model's own words for the user, when it said what is missing."""
+
+    def __init__(self, message: str, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 # gRPC statuses of a server that cannot be reached or went away mid-stream.
@@ -64,7 +69,7 @@ def _error(message: str) -> TritonError:
     if user_message is not None:
         return InvalidRequestError(user_message)
     if is_unavailable_message(message):
-        return UnavailableError(message)
+        return UnavailableError(message, unavailable_reason(message))
     return TritonError(message)
 
 

@@ -40,9 +40,10 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
-def model_unavailable() -> APIError:
-    # The supervisor brings the model back within seconds; `/health` says not-ready until then.
-    return APIError(503, "the model is restarting; retry the request", code="model_unavailable",
+def model_unavailable(reason: str | None = None) -> APIError:
+    # The supervisor brings the model back within seconds; `/health` says not-ready until then. A `reason`:
+    # the model said what it misses (no ViT server answers).
+    return APIError(503, f"{reason or 'the model is restarting'}; retry the request", code="model_unavailable",
                     headers={"Retry-After": RETRY_AFTER_S})
 
 
@@ -56,7 +57,7 @@ def to_api_error(exc: Exception) -> APIError:
         return APIError(400, str(exc))
     if isinstance(exc, UnavailableError):
         logger.warning("Triton unavailable: %s", exc)
-        return model_unavailable()
+        return model_unavailable(exc.reason)
     if isinstance(exc, TritonError):
         logger.error("Triton request failed: %s", exc)
         return APIError(500, f"inference failed: {exc}")

@@ -26,6 +26,14 @@ def test_triton_words_for_a_model_being_down_are_unavailable(message):
     assert isinstance(_error(message), UnavailableError)
 
 
+def test_a_part_the_model_misses_is_unavailable_and_named_to_the_client():
+    error = _error("internal error: unavailable: no ViT server can encode images or videos now")
+    assert isinstance(error, UnavailableError) and error.reason == "no ViT server can encode images or videos now"
+    with client_with(FakeTriton([], error)) as http:
+        response = http.post("/v1/chat/completions", json={"model": MODEL, "messages": [user("hi")]})
+    assert_openai_error(response, 503, "no ViT server can encode images or videos now; retry the request")
+
+
 def test_other_triton_errors_stay_internal():
     error = _error("internal error: ValueError: bad tensor")
     assert isinstance(error, TritonError) and not isinstance(error, UnavailableError)

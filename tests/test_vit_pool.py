@@ -293,6 +293,7 @@ def test_with_no_vit_server_images_get_503_text_still_works_and_images_come_back
         with pytest.raises(openai.APIStatusError) as raised:
             answer(llm_host, [{"type": "text", "text": "Describe."}, image(url)])
         assert raised.value.status_code == 503 and raised.value.response.headers.get("retry-after")
+        assert "no ViT server can encode" in raised.value.response.json()["error"]["message"]
         assert answer(llm_host, [{"type": "text", "text": "Hello"}])
     finally:
         vit_servers.replace(1)

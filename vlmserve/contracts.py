@@ -130,6 +130,13 @@ def encode_error(exc: Exception) -> str:
     return f"internal error: {type(exc).__name__}: {exc}"
 
 
+def unavailable_reason(message: str) -> str | None:
+    """What our own code said is unavailable (the text after UNAVAILABLE_MARKER), else None."""
+    if UNAVAILABLE_MARKER not in message:
+        return None
+    return message.split(UNAVAILABLE_MARKER, 1)[1]
+
+
 def is_unavailable_message(message: str) -> bool:
     """Whether an error message says that a model or server is down or coming back (the request may succeed
     later), as opposed to a failure of the request."""

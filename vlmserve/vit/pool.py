@@ -197,8 +197,8 @@ class VitPool:
                                endpoint.url, gone)
                 endpoint.healthy = False
                 tried.append(endpoint)
-        raise Unavailable("no ViT server can encode images or videos now" +
-                          (f" ({', '.join(e.url for e in tried)} went away)" if tried else ""))
+        # The client hears what is missing, not where the servers are.
+        raise Unavailable("no ViT server can encode images or videos now")
 
     async def _call(self, endpoint: Endpoint, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         stats = endpoint.stats
