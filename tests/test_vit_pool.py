@@ -203,6 +203,23 @@ def test_two_images_and_a_video_answer_as_on_one_host_and_both_servers_work(llm_
     assert all(a > b for a, b in zip(after, before)), f"both ViT servers get calls: {before} -> {after}"
 
 
+def vit_executions(server) -> float:
+    body = httpx.get(server.triton.metrics_url, timeout=10).text
+    return float(re.search(r'^nv_inference_exec_count\{model="vit",version="1"\} ([0-9.]+)$', body, re.MULTILINE)[1])
+
+
+def test_a_video_that_cannot_fit_is_refused_before_any_vit_work(llm_host, vit_servers, media_server):
+    config = httpx.get(f"http://127.0.0.1:{llm_host.triton.ports.http}/v2/models/vlm/config", timeout=10).json()
+    context = int(config["parameters"]["max_model_len"]["string_value"])
+    before = [vit_executions(server) for server in vit_servers]
+    url = media_server.add("pool-long.mp4", mp4_bytes(frames=10))  # not in the LLM host's cache
+    with pytest.raises(openai.BadRequestError, match="tokens of the context"):
+        openai_client(llm_host).chat.completions.create(
+            model="tiny-qwen2-vl", max_tokens=context - 4, messages=[{"role": "user", "content": [
+                {"type": "video_url", "video_url": {"url": url}}, {"type": "text", "text": "What happens?"}]}])
+    assert [vit_executions(server) for server in vit_servers] == before
+
+
 def test_an_llm_host_that_is_one_of_its_vit_servers(tiny_checkpoint, tmp_path, vit_servers, stack, media_server):
     """`local` in the list: the host's own `encode` model takes its share beside a ViT server."""
     remote = vit_servers[0].triton.grpc_url

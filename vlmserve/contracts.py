@@ -81,7 +81,10 @@ class ENCODE:
     server, so pixel values never cross the network."""
 
     NAME = "encode"
-    inputs = PREPROCESS.inputs
+    # The most LLM tokens the medium may become: one over it is refused before any `vit` call (the LLM host
+    # admits a request by its media's grids, and learns a video's only from here).
+    MAX_TOKENS = TensorSpec("MAX_TOKENS", "TYPE_INT64", (1,), optional=True)
+    inputs = (*PREPROCESS.inputs, MAX_TOKENS)
     GRID_THW = PREPROCESS.GRID_THW
     EMBEDS = TensorSpec("EMBEDS", "TYPE_FP32", (-1, -1))  # the `vit` output, as the `vit` model's dtype gives it
     outputs = (GRID_THW, EMBEDS)

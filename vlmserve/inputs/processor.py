@@ -75,7 +75,8 @@ class InputProcessor:
             admitted[:] = [prompt_ids, self._max_tokens(requested, len(prompt_ids))]
 
         if media:  # deduplicated, cached and batched by the media encoder; it calls admit before any ViT work
-            encoded = await self.media.encode(parts, media, admit)
+            # No medium can take more than the context less the answer's least length.
+            encoded = await self.media.encode(parts, media, admit, token_budget=self.max_model_len - (requested or 1))
         else:
             encoded = []
             admit([])

@@ -59,16 +59,18 @@ class MediaEncoder:
         self.cache = cache
         self._running: dict[str, asyncio.Future] = {}  # key -> result of an encoding in progress
 
-    async def encode(self, parts: list[dict], media: list[bytes], admit: Admission | None = None) -> list[Encoded]:
+    async def encode(self, parts: list[dict], media: list[bytes], admit: Admission | None = None,
+                     token_budget: int | None = None) -> list[Encoded]:
         """One Encoded per (part, bytes) pair, in order; InvalidRequest for media the user got wrong.
 
-        ``admit`` sees every grid_thw once they are known and before any ViT call runs.
+        ``admit`` sees every grid_thw once they are known and before any ViT call runs; ``token_budget`` is
+        the most tokens any one medium may become (Medium.token_budget).
         """
         keys, distinct = [], {}
         for part, data in zip(parts, media):
             options = self.settings.resolve(part)
             keys.append(self.settings.cache_key(data, options))
-            distinct.setdefault(keys[-1], Medium(options, data))
+            distinct.setdefault(keys[-1], Medium(options, data, token_budget))
         done: dict[str, Encoded] = {}
         while True:
             try:

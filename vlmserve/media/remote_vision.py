@@ -3,8 +3,9 @@
 What crosses the network per medium: its bytes and resolved options out, its grid_thw and embeddings back
 (each server preprocesses and runs its own `vit`). An image's grid follows from its header (its size, the
 resolved min/max_pixels), so a request is admitted before any ViT work as it is on one host; the server's
-grid must agree. A video's grid needs its frames decoded, so a video is encoded when it is prepared and the
-request is admitted once its grid is back.
+grid must agree. A video's grid needs its frames decoded, so a video is encoded when it is prepared, with its
+token budget: the server refuses it before its ViT work if it would not fit, and the request is admitted
+once its grid is back.
 """
 
 from __future__ import annotations
@@ -48,5 +49,8 @@ class RemoteVision:
         return list(await asyncio.gather(*map(embeddings, prepared)))
 
     async def _encode(self, medium: Medium) -> tuple[np.ndarray, np.ndarray]:
-        out = await self.pool.encode(options_inputs(medium))
+        inputs = options_inputs(medium)
+        if medium.token_budget is not None:
+            inputs[ENCODE.MAX_TOKENS.name] = np.asarray([medium.token_budget], dtype=np.int64)
+        out = await self.pool.encode(inputs)
         return out[ENCODE.GRID_THW.name].reshape(3), out[ENCODE.EMBEDS.name]

@@ -28,6 +28,9 @@ Infer = Callable[[str, Mapping[str, np.ndarray], list[str]], Awaitable[dict[str,
 class Medium:
     options: MediumOptions
     data: bytes
+    # The most LLM tokens the medium may become (the context its request leaves it): a backend that learns
+    # the grid only by encoding checks it before its ViT work. None: no limit known.
+    token_budget: int | None = None
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class VisionBackend(Protocol):
 
 
 def options_inputs(medium: Medium) -> dict[str, np.ndarray]:
-    """A medium and its resolved options as the inputs of `preprocess` (and of a ViT server's `encode`)."""
+    """A medium and its resolved options as the inputs of `preprocess` (and of a ViT server's `encode`, which
+    also takes the budget)."""
     inputs = {PREPROCESS.MEDIA.name: np.asarray([medium.data], dtype=np.object_),
               PREPROCESS.KIND.name: np.asarray([medium.options.kind], dtype=np.object_)}
     for name, spec in PREPROCESS.OPTIONS.items():

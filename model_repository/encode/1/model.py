@@ -9,7 +9,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from vlmserve.contracts import ENCODE
-from vlmserve.triton_utils import FINAL, bls_infer, medium_input, model_parameters, triton_error
+from vlmserve.triton_utils import FINAL, bls_infer, medium_input, model_parameters, optional_input, triton_error
 from vlmserve.vit.encode_service import EncodeService
 from vlmserve.vit.settings import EncodeSettings
 
@@ -24,7 +24,9 @@ class TritonPythonModel:
             sender = request.get_response_sender()
             try:
                 data, part = medium_input(request)
-                self.service.submit(data, part, lambda future, sender=sender: self._respond(sender, future))
+                max_tokens = optional_input(request, ENCODE.MAX_TOKENS.name)
+                self.service.submit(data, part, None if max_tokens is None else int(max_tokens.reshape(-1)[0]),
+                                    lambda future, sender=sender: self._respond(sender, future))
             except Exception as exc:
                 self._respond_error(sender, exc)
         return None
