@@ -5,9 +5,9 @@ thread count that leaves the LLM its cores (default from os.cpu_count()).
 `gpu`: the ViT is a TensorRT plan with one instance group per GPU (`--gpus 0,1,2,3`).
 The `vlm` model runs vLLM; `vlm/1/engine.json` holds the engine's arguments (tensor parallel size,
 memory, context, ...), passed through whole.
-`--role vit` writes a ViT server's repository instead: `preprocess`, `vit` and `encode`, the entry point
-that LLM hosts started with `--vit-endpoints host:port,...` call over gRPC (those then have no
-`preprocess` and `vit` of their own).
+`--role vit-server` writes a ViT server's repository instead: `preprocess`, `vit` and `encode`, the entry
+point that LLM hosts started with `--vit-endpoints host:port,...` call over gRPC (those then have no
+`preprocess` and `vit` of their own, unless the list names `local`: then they host all three too).
 Both targets: `vit_cache` holds ViT outputs for every `vlm` instance (`--vit-cache-mb 0` turns it off), and
 the media limits (`--max-pixels`, `--max-frames`, `--video-max-pixels`, ...) go to `preprocess` and
 `vlm` alike (`vlm` keys the cache on them). The Python models' code is copied from
@@ -216,8 +216,7 @@ def generate_repository(opts: RepositoryOptions) -> Path:
         raise ValueError(f"unknown role {opts.role!r}")
     if opts.role == VIT_SERVER and opts.vit_endpoints:
         raise ValueError("a ViT server (--role vit-server) encodes media itself: it takes no --vit-endpoints")
-    parse_endpoints(opts.vit_endpoints)  # a malformed list is refused before anything is written
-    models = hosted_models(opts)
+    models = hosted_models(opts)  # a malformed --vit-endpoints is refused here, before anything is written
     if VIT.NAME in models:
         if opts.target == "cpu" and opts.vit_onnx is None:
             raise ValueError("the cpu target needs --vit-onnx")

@@ -20,6 +20,7 @@ import pytest
 from export.repository_options import VIT_SERVER
 from tests.conftest import running_stack
 from tests.test_end_to_end import mp4_bytes, png_bytes
+from tests.test_vit_service import vit_executions
 from vlmserve.errors import InvalidRequest, Unavailable
 from vlmserve.media.settings import MediumOptions
 from vlmserve.media.vision import Medium, options_inputs
@@ -201,11 +202,6 @@ def test_two_images_and_a_video_answer_as_on_one_host_and_both_servers_work(llm_
     time.sleep(1)  # the metrics go out every half second
     after = [calls(llm_host, s.triton.grpc_url) for s in vit_servers]
     assert all(a > b for a, b in zip(after, before)), f"both ViT servers get calls: {before} -> {after}"
-
-
-def vit_executions(server) -> float:
-    body = httpx.get(server.triton.metrics_url, timeout=10).text
-    return float(re.search(r'^nv_inference_exec_count\{model="vit",version="1"\} ([0-9.]+)$', body, re.MULTILINE)[1])
 
 
 def test_a_video_that_cannot_fit_is_refused_before_any_vit_work(llm_host, vit_servers, media_server):
