@@ -42,10 +42,10 @@ def add_proxy_arguments(parser: argparse.ArgumentParser, standalone: bool) -> li
                            help="fetch media from any address, loopback and private networks included"),
         group.add_argument("--allow-media-network", action="append", default=[], metavar="CIDR",
                            help="fetch media from this network even if it is not public (repeatable)"),
-        group.add_argument("--niceness", type=int, default=10,
-                           help="run at this much lower priority (nice), as the vlm model's own threads do: on a "
-                                "host with few cores the LLM engine then never waits for what only carries its "
-                                "output"),
+        group.add_argument("--niceness", type=int, default=5,
+                           help="run at this much lower priority (nice) than the LLM engine: on a host with few "
+                                "cores the engine then seldom waits for what only carries its output, while a new "
+                                "request's parsing and media downloads still get through quickly"),
     ]
     return passed
 
