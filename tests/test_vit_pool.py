@@ -163,6 +163,35 @@ def test_the_local_endpoint_takes_its_share_is_left_out_while_dead_and_comes_bac
     asyncio.run(run())
 
 
+def test_calls_that_never_overlap_take_turns(monkeypatch):
+    # The least-loaded rule alone would send every call to the first endpoint when calls come one at a time;
+    # then a server that comes back got nothing until two calls overlapped.
+    monkeypatch.setattr(pool_module, "_addresses", lambda name: asyncio.sleep(0, [name]))
+    served: list[str] = []
+
+    async def infer(endpoint, inputs, timeout_s):
+        served.append(endpoint.url)
+        return {"GRID_THW": np.asarray([1, 2, 2]), "EMBEDS": np.zeros((1, 8), np.float32)}
+
+    monkeypatch.setattr(pool_module.Endpoint, "infer", infer)
+    medium = options_inputs(Medium(MediumOptions("image"), png_bytes(28, 28, seed=3)))
+
+    async def run() -> None:
+        pool = VitPool(["a:8001", "b:8001", "c:8001"])
+        try:
+            for _ in range(6):
+                await pool.encode(medium)
+            pool.endpoints[1].stats.in_flight = 1  # busy: the others take the next calls
+            for _ in range(4):
+                await pool.encode(medium)
+        finally:
+            await pool.close()
+
+    asyncio.run(run())
+    assert sorted(served[:6]) == ["a:8001"] * 2 + ["b:8001"] * 2 + ["c:8001"] * 2
+    assert sorted(served[6:]) == ["a:8001"] * 2 + ["c:8001"] * 2
+
+
 def test_a_name_with_several_addresses_stands_for_each_and_is_followed(monkeypatch):
     answers = {"vit:8001": ["10.0.0.1:8001", "10.0.0.2:8001"], "localhost:9001": ["127.0.0.1:9001"]}
     monkeypatch.setattr(pool_module, "_addresses", lambda name: asyncio.sleep(0, answers[name]))

@@ -4,18 +4,20 @@ optionally the LLM host's own `encode` model (the endpoint `local`, reached thro
 An endpoint named by a host name that resolves to several addresses (a Kubernetes headless Service, a
 compose service run with --scale) stands for each of them: the names are resolved again every
 RESOLVE_INTERVAL_S, so servers added or removed behind a name gain or lose their share of the calls.
-Each call goes to the healthy endpoint with the fewest calls outstanding. A call that fails because its
-endpoint went away (unreachable, stopping, its model not ready or its process dead) marks the endpoint down
-and is retried once on another; an endpoint that is down gets no calls until its health check (Triton's
-model readiness; for `local`, an empty image its `encode` model must refuse) passes again, every
-HEALTH_INTERVAL_S. With no endpoint left a call raises Unavailable,
-which the proxy answers with 503 and Retry-After. Any other failure is the request's own: an InvalidRequest
-(bad media) or an error, not retried.
+Each call goes to the healthy endpoint with the fewest calls outstanding, the next in turn among equals (so
+calls that never overlap still take turns, and a server that is back gets its share at once). A call that
+fails because its endpoint went away (unreachable, stopping, its model not ready or its process dead) marks
+the endpoint down and is retried once on another; an endpoint that is down gets no calls until its health
+check (Triton's model readiness; for `local`, an empty image its `encode` model must refuse) passes again,
+every HEALTH_INTERVAL_S. With no endpoint left a call raises Unavailable, which the proxy answers with 503
+and Retry-After. Any other failure is the request's own: an InvalidRequest (bad media) or an error, not
+retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import socket
 import time
@@ -177,6 +179,7 @@ class VitPool:
         self.endpoints = [self._endpoint(url, url) for url in urls]
         self._health_task: asyncio.Task | None = None
         self._resolved: asyncio.Event | None = None
+        self._turns = itertools.count()
 
     async def encode(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One `encode` call (inputs by name) -> its outputs by name, on the least loaded healthy endpoint."""
@@ -189,7 +192,8 @@ class VitPool:
             candidates = [e for e in self.endpoints if e.healthy and e not in tried]
             if not candidates:
                 break
-            endpoint = min(candidates, key=lambda e: e.stats.in_flight)
+            turn = next(self._turns) % len(candidates)
+            endpoint = min(candidates[turn:] + candidates[:turn], key=lambda e: e.stats.in_flight)
             try:
                 return await self._call(endpoint, inputs)
             except _EndpointGone as gone:
