@@ -17,6 +17,7 @@ import tritonclient.grpc.aio as grpcclient
 from tritonclient.utils import InferenceServerException
 
 from vlmserve.contracts import VLM, invalid_request_message, is_unavailable_message, unavailable_reason
+from vlmserve.grpc_channel import CHANNEL_ARGS
 from vlmserve.model_parameters import config_parameters
 from vlmserve.vlm_settings import VlmSettings
 
@@ -123,7 +124,7 @@ class TritonVLMClient:
     """Streams generations from the `vlm` model. Create it inside the event loop that will use it."""
 
     def __init__(self, url: str) -> None:
-        self._client = grpcclient.InferenceServerClient(url)
+        self._client = grpcclient.InferenceServerClient(url, channel_args=CHANNEL_ARGS)
         self._settings: VlmSettings | None = None
 
     async def __aenter__(self) -> TritonVLMClient:

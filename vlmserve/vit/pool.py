@@ -27,11 +27,11 @@ from dataclasses import dataclass, field
 import grpc
 import numpy as np
 import tritonclient.grpc.aio as grpcclient
-from tritonclient.grpc import MAX_GRPC_MESSAGE_SIZE, KeepAliveOptions
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
 from vlmserve.contracts import ENCODE, invalid_request_message, is_unavailable_message
 from vlmserve.errors import InvalidRequest, Unavailable
+from vlmserve.grpc_channel import CHANNEL_ARGS
 from vlmserve.media.settings import MediumOptions
 from vlmserve.media.vision import Infer, Medium, options_inputs
 
@@ -56,18 +56,6 @@ class _EndpointGone(Exception):
     pass
 
 
-# tritonclient's own channel options, plus reconnection attempts at most a second apart: with gRPC's default
-# backoff (growing to 2 minutes) a server that had been down for 20 s was seen ready again 10-13 s late.
-_KEEPALIVE = KeepAliveOptions()
-_CHANNEL_ARGS = [("grpc.max_send_message_length", MAX_GRPC_MESSAGE_SIZE),
-                 ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
-                 ("grpc.keepalive_time_ms", _KEEPALIVE.keepalive_time_ms),
-                 ("grpc.keepalive_timeout_ms", _KEEPALIVE.keepalive_timeout_ms),
-                 ("grpc.keepalive_permit_without_calls", _KEEPALIVE.keepalive_permit_without_calls),
-                 ("grpc.http2.max_pings_without_data", _KEEPALIVE.http2_max_pings_without_data),
-                 ("grpc.initial_reconnect_backoff_ms", 500), ("grpc.max_reconnect_backoff_ms", 1000)]
-
-
 @dataclass(eq=False)
 class Endpoint:
     """A ViT server reached over gRPC."""
@@ -81,7 +69,7 @@ class Endpoint:
     @property
     def client(self) -> grpcclient.InferenceServerClient:
         if self._client is None:  # created on first use, inside the loop that uses it (grpc.aio binds to it)
-            self._client = grpcclient.InferenceServerClient(self.url, channel_args=_CHANNEL_ARGS)
+            self._client = grpcclient.InferenceServerClient(self.url, channel_args=CHANNEL_ARGS)
         return self._client
 
     async def infer(self, inputs: Mapping[str, np.ndarray], timeout_s: float) -> dict[str, np.ndarray]:
