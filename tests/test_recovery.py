@@ -208,7 +208,8 @@ def test_a_killed_vlm_stub_takes_its_engine_with_it_and_comes_back(recovery_stac
     assert engine, "vLLM's engine core should run below the vlm stub"
     engine_shm = mapped_shm(engine)
     assert engine_shm, "vLLM's engine core and worker share message queues in /dev/shm"
-    timings = _recover(stack, lambda: os.kill(vlm, signal.SIGKILL), not_ready_within_s=5)
+    # 15.5 s locally: the engine's processes are forked from the new stub, which has imported vLLM already.
+    timings = _recover(stack, lambda: os.kill(vlm, signal.SIGKILL), not_ready_within_s=5, back_within_s=40)
     print("vlm", timings)
     assert not engine & parent_pids().keys()
     assert not [path for path in engine_shm if path.exists()]
