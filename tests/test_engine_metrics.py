@@ -20,7 +20,7 @@ def metrics(stack) -> dict[str, float]:
 def settled_metrics(stack, steps_before: float = -1, timeout_s: float = 10) -> dict[str, float]:
     """The engine's metrics once it has stepped past `steps_before` and published its idle state.
 
-    While busy the model publishes at most every 0.1 s, so figures read the moment a response
+    While busy the model publishes at most every 0.5 s, so figures read the moment a response
     arrives can be a step behind. After `timeout_s` the last figures are returned as they are.
     """
     deadline = time.monotonic() + timeout_s
