@@ -25,9 +25,11 @@ class VlmSettings(ModelParameters):
     # gRPC host:port of ViT servers, comma-separated (vlmserve.vit.pool); empty: this server's own
     # `preprocess` and `vit` models.
     vit_endpoints: str = ""
-    # Threads that send responses: each send is a round trip to tritonserver, and several in flight keep one
-    # slow round trip from holding up every other stream.
-    response_threads: int = 4
+    # Threads that send responses (each send is a round trip to tritonserver). One: while it sends for one
+    # stream, the deltas of the others gather into fewer, fuller responses. Interleaved A/Bs against four on
+    # 2 cores (perf/README.md, "Response threads"): +8-9% output tokens/s at 32 glue-bound streams, +19% at 64,
+    # with 15-25% less CPU per token; 3-4% fewer requests/s on the reference workload, where nothing merges.
+    response_threads: int = 1
     # How much lower than its engine's the priority (nice) of this model's own threads is: on a host with few
     # cores, vLLM's engine core and worker then never wait for the threads that only carry its output, which
     # catch up with several tokens per response instead. The engine keeps the priority the model started with.

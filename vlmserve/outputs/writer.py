@@ -2,10 +2,9 @@
 
 Sending a response is a synchronous round trip to tritonserver (the Python backend's `send` waits until the
 server has taken it, with the GIL released), so the event loop that runs the engine never sends: it pushes
-each request's deltas into that request's outbox and goes on. A few sender threads drain the outboxes.
-While a request's send is under way its next deltas merge into one, so a stream that falls behind
-catches up in one response instead of one per token, and the sends of different requests overlap
-instead of queueing behind one thread.
+each request's deltas into that request's outbox and goes on. Sender threads (one by default:
+VlmSettings.response_threads) drain the outboxes in turn. Until a request's turn comes its deltas merge
+into one, so a stream that falls behind catches up in one response instead of one per token.
 
 The writer also watches whether each stream's client is still there (another round trip, so every
 CANCEL_POLL_S, not at every send) and tells the outbox once when it has gone (`Outbox.cancel`).
