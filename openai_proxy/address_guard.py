@@ -44,10 +44,13 @@ class AddressGuard:
     async def resolve(self, host: str, port: int) -> IPAddress:
         """An address of `host` to connect to, once every address it resolves to has been allowed."""
         try:
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except (socket.gaierror, UnicodeError) as exc:
-            raise AddressRefused(f"cannot resolve host {host!r}: {exc}") from None
-        addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
+            addresses = [ipaddress.ip_address(host)]  # an address already: no lookup (the system's would echo it)
+        except ValueError:
+            try:
+                infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            except (socket.gaierror, UnicodeError) as exc:
+                raise AddressRefused(f"cannot resolve host {host!r}: {exc}") from None
+            addresses = [ipaddress.ip_address(info[4][0]) for info in infos]
         refused = [address for address in addresses if not self.allows(address)]
         if refused or not addresses:
             raise AddressRefused(f"host {host!r} resolves to {refused[0] if refused else 'nothing'}, which is not "

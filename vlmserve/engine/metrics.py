@@ -55,7 +55,6 @@ class EngineMetrics:
                           "prefix_cache_query_tokens": self.prefix_queries, "preemptions": self.preemptions,
                           "steps": self.steps}
         self._exported = dict.fromkeys(self._counters, 0)
-        self._gauge_values: dict[int, float] = {}  # id of a gauge -> the value it was last set to
         self._published_at = 0.0
         self._published: tuple = ()
         self._published_idle = True
@@ -77,11 +76,11 @@ class EngineMetrics:
         throttled = not idle and not self._published_idle and now - self._published_at < self.PUBLISH_INTERVAL_S
         if snapshot == self._published or throttled:
             return
+        previous = self._published  # the gauges' values first, in the same order (empty before the first)
         self._published_at, self._published, self._published_idle = now, snapshot, idle
-        for metric, value in gauges:
-            if self._gauge_values.get(id(metric)) != value:
+        for index, (metric, value) in enumerate(gauges):
+            if not previous or previous[index] != value:
                 metric.set(value)
-                self._gauge_values[id(metric)] = value
         for name, total in totals.items():
             if total > self._exported[name]:
                 self._counters[name].increment(total - self._exported[name])
