@@ -113,9 +113,11 @@ class SlowStream:
     cancelled: bool = False
     ended: threading.Event = field(default_factory=threading.Event)
     overlapping: int = 0
+    senders: set = field(default_factory=set)  # the threads that sent
     _in_send: bool = False
 
     def send(self, delta: Delta) -> None:
+        self.senders.add(threading.get_ident())
         self.overlapping += self._in_send
         self._in_send = True
         time.sleep(self.send_s)
@@ -157,6 +159,30 @@ def test_the_writer_merges_what_comes_during_a_send_and_never_sends_one_stream_t
     writer.shutdown()
 
 
+def test_the_writer_without_threads_sends_before_push_returns_on_the_pushing_thread():
+    writer = ResponseWriter(threads=0, cancel_poll_s=0.01)
+    stream = SlowStream()
+    box = writer.open(stream)
+    box.push(Delta("a"))
+    assert [d.text for d in stream.sent] == ["a"] and stream.senders == {threading.get_ident()}
+    box.push(Delta("b", finish_reason="stop", usage=Usage(1, 2, 0)))
+    assert stream.ended.is_set() and writer.open_streams == 0
+    box.push(Delta("late"))  # nothing after the end
+    assert [d.text for d in stream.sent] == ["a", "b"]
+    # The watch for clients that have gone runs as with sender threads.
+    gone, calls = SlowStream(), []
+    gone_box = writer.open(gone)
+    gone_box.on_cancel(lambda: calls.append("cancelled"))
+    gone.cancelled = True
+    deadline = time.monotonic() + 5
+    while not calls and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert calls == ["cancelled"]
+    gone_box.close()
+    assert gone.sent == ["closed"]
+    writer.shutdown()
+
+
 def test_the_writer_tells_once_that_a_client_has_gone_and_ends_streams_as_told():
     writer = ResponseWriter(threads=2, cancel_poll_s=0.01)
     gone, failing = SlowStream(), SlowStream()
@@ -189,7 +215,10 @@ def service(tiny_checkpoint, onnx_path):  # noqa: F811
     from vlmserve.service import VlmService
 
     models = FakeModels(tiny_checkpoint, onnx_path)
-    settings = VlmSettings(checkpoint_dir=str(tiny_checkpoint), served_model_name="tiny", vit_max_patches=4096)
+    # Niceness 0: the service lowers the priority of the process it runs in, here pytest's, and every server a
+    # later test starts would inherit it.
+    settings = VlmSettings(checkpoint_dir=str(tiny_checkpoint), served_model_name="tiny", vit_max_patches=4096,
+                           frontend_niceness=0)
     config = EngineConfig(str(tiny_checkpoint), {"enforce_eager": True, "dtype": "float32",
                                                  "kv_cache_memory_bytes": 128 * 2**20, "max_model_len": 2048})
     running = VlmService(settings, models.settings.parameters(), config, models.infer)

@@ -2,7 +2,7 @@
 
 Everything a request does runs on one event loop of ours (a thread, as Triton's vllm_backend runs
 vLLM): the input side (vlmserve.inputs: prompt ids, media through the vision models), vLLM's engine
-(vlmserve.engine), and the output side (vlmserve.outputs: deltas, sent by the writer's threads). A
+(vlmserve.engine), and the output side (vlmserve.outputs: deltas, sent by the writer). A
 generated token crosses one Python process, this one, on its way from vLLM's engine core to Triton.
 A client that goes away cancels its request's task wherever it is, which aborts it in the engine.
 """

@@ -25,11 +25,12 @@ class VlmSettings(ModelParameters):
     # gRPC host:port of ViT servers, comma-separated (vlmserve.vit.pool); empty: this server's own
     # `preprocess` and `vit` models.
     vit_endpoints: str = ""
-    # Threads that send responses (each send is a round trip to tritonserver). One: while it sends for one
-    # stream, the deltas of the others gather into fewer, fuller responses. Interleaved A/Bs against four on
-    # 2 cores (perf/README.md, "Response threads"): +8-9% output tokens/s at 32 glue-bound streams, +19% at 64,
-    # with 15-25% less CPU per token; 3-4% fewer requests/s on the reference workload, where nothing merges.
-    response_threads: int = 1
+    # Threads that send responses (each send is a round trip to tritonserver); 0: the event loop that runs the
+    # engine sends them itself, and while it sends, the tokens of later steps merge into fewer, fuller responses.
+    # Interleaved A/Bs on 2 cores (perf/README.md, "Response threads"): against one thread, +11-17% output
+    # tokens/s at 32-64 glue-bound streams with 18-27% less CPU per token; 3-5% fewer requests/s on the reference
+    # workload, where nothing merges.
+    response_threads: int = 0
     # How much lower than its engine's the priority (nice) of this model's own threads is: on a host with few
     # cores, vLLM's engine core and worker then never wait for the threads that only carry its output, which
     # catch up with several tokens per response instead. The engine keeps the priority the model started with.

@@ -1,10 +1,12 @@
-"""Deltas on their way to the clients' streams, sent from threads of their own.
+"""Deltas on their way to the clients' streams.
 
 Sending a response is a synchronous round trip to tritonserver (the Python backend's `send` waits until the
-server has taken it, with the GIL released), so the event loop that runs the engine never sends: it pushes
-each request's deltas into that request's outbox and goes on. Sender threads (one by default:
-VlmSettings.response_threads) drain the outboxes in turn. Until a request's turn comes its deltas merge
-into one, so a stream that falls behind catches up in one response instead of one per token.
+server has taken it, with the GIL released). By default (VlmSettings.response_threads 0) the event loop that
+runs the engine sends each request's delta itself as soon as it has it: while it sends, vLLM's per-request
+output collectors merge the tokens of the steps that finish meanwhile, so a stream that falls behind catches up
+in one response instead of one per token, and no thread hand-off sits between a token and its send. With sender
+threads instead, the loop pushes each request's deltas into that request's outbox and goes on; the threads
+drain the outboxes in turn, and until a request's turn comes its deltas merge there.
 
 The writer also watches whether each stream's client is still there (another round trip, so every
 CANCEL_POLL_S, not at every send) and tells the outbox once when it has gone (`Outbox.cancel`).
@@ -101,7 +103,7 @@ class Outbox:
         if last:
             self._writer.unwatch(self)
         if schedule:
-            self._writer.queue.put(self)
+            self._writer.schedule(self)
 
     def cancelled(self) -> bool:
         """Whether the stream's client has gone; False once the stream has ended."""
@@ -127,15 +129,19 @@ class Outbox:
             self._scheduled = self._pending is not None
             if not self._scheduled:
                 return
-        self._writer.queue.put(self)  # behind the others that wait: every stream gets its turn
+        self._writer.schedule(self)  # behind the others that wait: every stream gets its turn
 
 
 class ResponseWriter:
-    """Sender threads for every request's outbox, and the watch for clients that have gone."""
+    """Sends every request's outbox (on the thread that pushes to it, or on sender threads), and watches for
+    clients that have gone."""
 
     def __init__(self, threads: int, cancel_poll_s: float = CANCEL_POLL_S) -> None:
+        """`threads`: sender threads; 0 sends on the thread that pushes (which must then be the only one that
+        pushes to, fails or closes an outbox)."""
         self.queue: queue.SimpleQueue[Outbox | None] = queue.SimpleQueue()
         self.cancel_poll_s = cancel_poll_s
+        self.inline = threads == 0
         self._watched: set[Outbox] = set()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
@@ -144,6 +150,13 @@ class ResponseWriter:
         self._threads.append(threading.Thread(target=self._watch_loop, name="vlm-cancel-watch", daemon=True))
         for thread in self._threads:
             thread.start()
+
+    def schedule(self, outbox: Outbox) -> None:
+        """Send what `outbox` holds: now, or once a sender thread gets to it."""
+        if self.inline:
+            outbox.flush()
+        else:
+            self.queue.put(outbox)
 
     def open(self, stream: ResponseStream) -> Outbox:
         outbox = Outbox(self, stream)
