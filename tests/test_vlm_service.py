@@ -212,6 +212,7 @@ def test_the_writer_tells_once_that_a_client_has_gone_and_ends_streams_as_told()
 @pytest.fixture(scope="module")
 def service(tiny_checkpoint, onnx_path):  # noqa: F811
     """The service on vLLM, its vision models in-process."""
+    from vlmserve.engine.vllm_engine import START_METHOD_ENV
     from vlmserve.service import VlmService
 
     models = FakeModels(tiny_checkpoint, onnx_path)
@@ -221,7 +222,12 @@ def service(tiny_checkpoint, onnx_path):  # noqa: F811
                            frontend_niceness=0)
     config = EngineConfig(str(tiny_checkpoint), {"enforce_eager": True, "dtype": "float32",
                                                  "kv_cache_memory_bytes": 128 * 2**20, "max_model_len": 2048})
-    running = VlmService(settings, models.settings.parameters(), config, models.infer)
+    # Spawned engine processes: pytest's process holds the threads of every earlier test, and a fork taken while
+    # one of them holds a lock can leave the engine core waiting on it for good (seen once in CI); the `vlm` stub
+    # forks them from a process that is only starting.
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv(START_METHOD_ENV, "spawn")
+        running = VlmService(settings, models.settings.parameters(), config, models.infer)
     yield running
     running.shutdown()
 
