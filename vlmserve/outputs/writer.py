@@ -129,7 +129,9 @@ class Outbox:
             self._scheduled = self._pending is not None
             if not self._scheduled:
                 return
-        self._writer.schedule(self)  # behind the others that wait: every stream gets its turn
+        # More came from another thread meanwhile (so there are sender threads): it queues behind the others that
+        # wait, and every stream gets its turn.
+        self._writer.schedule(self)
 
 
 class ResponseWriter:
